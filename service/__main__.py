@@ -1,0 +1,156 @@
+"""``pgsse serve | migrate | demo | token | db`` (also ``python -m service …``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from types import FrameType
+
+from .settings import ConfigError, Settings
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except ConfigError as exc:
+        print(f"pgsse: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _database_url(settings: Settings) -> str:
+    if settings.database_url:
+        return settings.database_url
+    from .db import embedded_database_url
+
+    return embedded_database_url(settings.data_dir)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from . import logs
+    from .app import create_app
+
+    settings = _settings(**({"demo": True} if args.demo else {}))
+    logs.setup(settings.log_level, settings.log_format)
+    url = _database_url(settings)
+    app = create_app(settings, url)
+    state = app.state.pgsse
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Streams never finish on their own: end them before uvicorn waits for them.
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(state.drain)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None,
+        proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds), backlog=4096,
+        timeout_keep_alive=15, server_header=False, access_log=False,
+    )
+    if settings.demo:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        base = f"http://{host}:{settings.port}"
+        print(f"\n  pgsse demo dashboard: {base}/\n  try: curl -N '{base}/events?topic=orders'\n",
+              file=sys.stderr, flush=True)
+    Server(config).run()
+
+
+def migrate(args: argparse.Namespace) -> None:
+    from . import db
+
+    settings = _settings()
+    url = _database_url(settings)
+
+    async def run() -> list[str]:
+        conn = await db.connect(url)
+        try:
+            return await db.migrate(conn)
+        finally:
+            await conn.close()
+
+    for name in asyncio.run(run()):
+        print(f"applied {name}")
+
+
+def demo(args: argparse.Namespace) -> None:
+    from . import db, demo as demo_module
+
+    settings = _settings()
+    url = _database_url(settings)
+
+    async def run() -> None:
+        conn = await db.connect(url)
+        try:
+            await db.migrate(conn)
+            await demo_module.install(conn, orders=args.orders)
+            if args.write:
+                await demo_module.Writer(url, args.rate).run(asyncio.Event())
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+    print("demo schema and data loaded")
+
+
+def token(args: argparse.Namespace) -> None:
+    from .auth import mint
+
+    settings = _settings()
+    if not settings.auth_secret:
+        print("pgsse: AUTH_SECRET is not set; cannot sign a token", file=sys.stderr)
+        raise SystemExit(2)
+    extra: dict[str, object] = {}
+    for claim in args.claim:
+        key, sep, value = claim.partition("=")
+        if not sep or not key:
+            print(f"pgsse: --claim takes key=value, got {claim!r}", file=sys.stderr)
+            raise SystemExit(2)
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    if args.sub:
+        extra["sub"] = args.sub
+    topics = [t for part in args.topics for t in part.split(",") if t]
+    print(mint(settings.auth_secret[0], topics, args.ttl, extra))
+
+
+def database(args: argparse.Namespace) -> None:
+    settings = _settings()
+    print(_database_url(settings))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="pgsse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="serve HTTP (configuration from the environment; see README)")
+    p.add_argument("--demo", action="store_true", help="load the demo, run its writer, serve the dashboard (DEMO=1)")
+    p.set_defaults(func=serve)
+    p = sub.add_parser("migrate", help="create or update the realtime schema (idempotent)")
+    p.set_defaults(func=migrate)
+    p = sub.add_parser("demo", help="load the demo schema and data")
+    p.add_argument("--orders", type=int, default=2000, help="orders to seed when the table is empty")
+    p.add_argument("--write", action="store_true", help="then run the demo writer until interrupted")
+    p.add_argument("--rate", type=float, default=5.0, help="writer changes per second")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("token", help="mint a JWT signed with the first AUTH_SECRET key")
+    p.add_argument("--topics", action="append", default=[], help="granted topic (repeatable or comma-separated; * for all)")
+    p.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
+    p.add_argument("--claim", action="append", default=[], help="extra claim key=value (value parsed as JSON when it can be)")
+    p.add_argument("--sub", help="subject claim")
+    p.set_defaults(func=token)
+    p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
+    p.set_defaults(func=database)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,319 @@
+"""The change feed: sequencer election, the LISTEN connection, and catch-up reads.
+
+Two background loops per process, each owning one dedicated connection outside the pool:
+
+``Sequencer`` — at most one process at a time holds a session advisory lock and calls
+``realtime.sequence_v1()``, which gives committed inbox rows their positions (see
+``sql/migrations/001_realtime.sql``). Writers take no lock and, under load, send no NOTIFY:
+with ``WAKEUP=auto`` the sequencer polls every ``POLL_INTERVAL`` while changes keep coming and,
+once idle, sets ``realtime.sequencer.wake_writers`` so the next writer's transaction sends one
+payload-free NOTIFY that wakes it at once. A notification lost in the hand-over costs at most
+the idle poll period, never an event. The leader also prunes history.
+
+``Listener`` — LISTENs on ``realtime_events`` (one NOTIFY per sequenced batch, from the
+sequencer), *then* reads ``position > cursor`` until caught up, and again on every
+notification and every second regardless: a lost notification is a delay, not a loss. On a
+lost connection it reconnects with jittered backoff, LISTENs again and catches up from its
+cursor, so the hub sees every position exactly once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from . import metrics
+from .hub import Event, Hub
+from .settings import Settings
+
+log = logging.getLogger("pgsse.feed")
+
+SEQUENCER_LOCK = 7013170583927
+BATCH = 2000
+SAFETY_POLL_SECONDS = 1.0
+IDLE_POLL_SECONDS = 0.1
+PRUNE_EVERY_SECONDS = 60.0
+
+CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+
+READ_SQL = """
+SELECT position, topics, type, tbl, payload::text AS payload,
+       extract(epoch FROM created_at)::float8 AS created_at
+FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
+"""
+
+
+class Backoff:
+    def __init__(self, first: float = 0.1, most: float = 5.0) -> None:
+        self.first, self.most, self.delay = first, most, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def sleep(self, stop: asyncio.Event) -> None:
+        delay = self.delay * random.uniform(0.5, 1.5)
+        self.delay = min(self.delay * 2, self.most)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except TimeoutError:
+            pass
+
+
+class EventDecoder:
+    """Database rows → ``Event``; oversized payloads become truncated events with the key."""
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self.max_event_bytes = max_event_bytes
+        self.key_columns: dict[str, list[str]] = {}
+
+    async def load_keys(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            "SELECT n.nspname || '.' || c.relname AS tbl, w.key_columns "
+            "FROM realtime.watches w JOIN pg_class c ON c.oid = w.tbl "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace"
+        )
+        self.key_columns = {row["tbl"]: list(row["key_columns"]) for row in rows}
+
+    def decode(self, row: Any) -> Event:
+        payload: str = row["payload"]
+        data = payload.encode()
+        if len(data) > self.max_event_bytes:
+            data = self.truncate(payload, row["tbl"])
+        return Event.build(row["position"], row["topics"], row["type"], data,
+                           row["created_at"], row["tbl"])
+
+    def truncate(self, payload: str, table: str | None) -> bytes:
+        body = json.loads(payload)
+        if not isinstance(body, dict) or table is None:
+            return json.dumps({"truncated": True}).encode()
+        source = body.get("row") or body.get("old") or {}
+        key = {col: source.get(col) for col in self.key_columns.get(table, [])}
+        slim = {k: body.get(k) for k in ("topic", "op", "table", "ts")}
+        slim.update({"row": None, "old": None, "truncated": True, "key": key})
+        return json.dumps(slim, separators=(",", ":")).encode()
+
+
+class Listener:
+    def __init__(self, settings: Settings, url: str, hub: Hub) -> None:
+        self.settings = settings
+        self.url = url
+        self.hub = hub
+        self.decoder = EventDecoder(settings.max_event_bytes)
+        self.connected = False
+        self.cursor: int | None = None
+        self.head = 0
+        self.last_read = 0.0
+        self._wake = asyncio.Event()
+        self.started = asyncio.Event()
+        # Called with each batch after the hub has it (aggregates track table versions).
+        self.on_batch: list[Callable[[list[Event]], None]] = []
+
+    @property
+    def caught_up(self) -> bool:
+        return (
+            self.connected and self.cursor is not None and self.cursor >= self.head
+            and time.monotonic() - self.last_read < 5 * SAFETY_POLL_SECONDS
+        )
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.isdigit():
+            self.head = max(self.head, int(payload))
+        self._wake.set()
+
+    def _on_terminate(self, _conn: Any) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff()
+        first = True
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.url, timeout=5)
+                conn.add_termination_listener(self._on_terminate)
+                await conn.add_listener("realtime_events", self._on_notify)
+                await self.decoder.load_keys(conn)
+                head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+                if self.cursor is None:
+                    self.cursor = head
+                    self.hub.position = head
+                self.head = max(self.head, head)
+                self.connected = True
+                metrics.FEED_UP.set(1)
+                if not first:
+                    log.info("change feed reconnected", extra={"event": "feed_reconnected", "cursor": self.cursor})
+                first = False
+                backoff.reset()
+                self.started.set()
+                while not stop.is_set():
+                    await self.catch_up(conn)
+                    self._wake.clear()
+                    waiter = asyncio.ensure_future(self._wake.wait())
+                    stopper = asyncio.ensure_future(stop.wait())
+                    try:
+                        await asyncio.wait({waiter, stopper}, timeout=SAFETY_POLL_SECONDS,
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        waiter.cancel()
+                        stopper.cancel()
+                    if conn.is_closed():
+                        raise asyncpg.InterfaceError("feed connection closed")
+            except CONNECTION_ERRORS as exc:
+                if stop.is_set():
+                    break
+                if self.connected:
+                    metrics.FEED_RECONNECTS.inc()
+                log.warning("change feed lost", extra={"event": "feed_lost", "error": repr(exc)})
+                await backoff.sleep(stop)
+            finally:
+                self.connected = False
+                metrics.FEED_UP.set(0)
+                if conn is not None:
+                    try:
+                        await asyncio.wait_for(conn.close(), timeout=2)
+                    except Exception:
+                        conn.terminate()
+        log.info("change feed stopped", extra={"event": "feed_stopped"})
+
+    async def catch_up(self, conn: asyncpg.Connection) -> None:
+        assert self.cursor is not None
+        while True:
+            rows = await conn.fetch(READ_SQL, self.cursor, BATCH)
+            self.last_read = time.monotonic()
+            if not rows:
+                self.head = max(self.head, self.cursor)
+                break
+            if any(row["tbl"] is not None and row["tbl"] not in self.decoder.key_columns
+                   and len(row["payload"]) > self.settings.max_event_bytes for row in rows):
+                await self.decoder.load_keys(conn)
+            events = [self.decoder.decode(row) for row in rows]
+            self.cursor = events[-1].position
+            self.head = max(self.head, self.cursor)
+            metrics.EVENTS_READ.inc(len(events))
+            metrics.FEED_LAG_SECONDS.set(max(0.0, time.time() - events[-1].created_at))
+            self.hub.fanout(events)
+            for callback in self.on_batch:
+                callback(events)
+            if len(rows) < BATCH:
+                break
+        metrics.FEED_LAG_POSITIONS.set(max(0, self.head - self.cursor))
+
+
+class Sequencer:
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.leader = False
+        self._wake = asyncio.Event()
+
+    def _on_wakeup(self, *_args: Any) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = Backoff(0.5, 5.0)
+        while not stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self.url, timeout=5)
+                while not stop.is_set():
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK):
+                        break
+                    try:
+                        await asyncio.wait_for(stop.wait(), timeout=random.uniform(0.5, 1.5))
+                    except TimeoutError:
+                        pass
+                if stop.is_set():
+                    break
+                self.leader = True
+                metrics.SEQUENCER_LEADER.set(1)
+                log.info("sequencer elected", extra={"event": "sequencer_leader"})
+                backoff.reset()
+                await conn.add_listener("realtime_wakeup", self._on_wakeup)
+                await self.lead(conn, stop)
+            except CONNECTION_ERRORS as exc:
+                if stop.is_set():
+                    break
+                log.warning("sequencer connection lost", extra={"event": "sequencer_lost", "error": repr(exc)})
+                await backoff.sleep(stop)
+            finally:
+                self.leader = False
+                metrics.SEQUENCER_LEADER.set(0)
+                if conn is not None:
+                    try:
+                        await asyncio.wait_for(conn.close(), timeout=2)
+                    except Exception:
+                        conn.terminate()
+        log.info("sequencer stopped", extra={"event": "sequencer_stopped"})
+
+    async def lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+        mode = self.settings.wakeup
+        poll = self.settings.poll_interval_seconds
+        await conn.execute("UPDATE realtime.sequencer SET wake_writers = $1", mode != "poll")
+        writers_wake = mode != "poll"
+        next_prune = time.monotonic() + 5.0
+        idle_since: float | None = None
+        while not stop.is_set():
+            moved = await conn.fetchval("SELECT realtime.sequence_v1($1)", BATCH)
+            now = time.monotonic()
+            if moved:
+                metrics.EVENTS_SEQUENCED.inc(moved)
+                idle_since = None
+                if moved >= BATCH:
+                    continue
+            elif idle_since is None:
+                idle_since = now
+            if now >= next_prune:
+                next_prune = now + PRUNE_EVERY_SECONDS
+                await self.prune(conn)
+            if mode == "poll":
+                await self._sleep(stop, poll)
+                continue
+            if mode == "auto":
+                idle = idle_since is not None and now - idle_since >= 0.05
+                if idle and not writers_wake:
+                    await conn.execute("UPDATE realtime.sequencer SET wake_writers = true")
+                    writers_wake = True
+                    continue  # re-check: a writer may have committed before seeing the flag
+                if not idle and writers_wake:
+                    await conn.execute("UPDATE realtime.sequencer SET wake_writers = false")
+                    writers_wake = False
+                if not writers_wake:
+                    await self._sleep(stop, poll)
+                    continue
+            # Writers wake us: wait for a NOTIFY, with a short safety poll.
+            self._wake.clear()
+            await self._sleep(stop, IDLE_POLL_SECONDS if mode == "auto" else SAFETY_POLL_SECONDS,
+                              self._wake)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float,
+                     wake: asyncio.Event | None = None) -> None:
+        events = [asyncio.ensure_future(stop.wait())]
+        if wake is not None:
+            events.append(asyncio.ensure_future(wake.wait()))
+        try:
+            await asyncio.wait(events, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in events:
+                fut.cancel()
+
+    async def prune(self, conn: asyncpg.Connection) -> None:
+        retention = self.settings.history_retention_seconds
+        removed = await conn.fetchval("SELECT realtime.prune(make_interval(secs => $1))", retention)
+        if removed:
+            metrics.HISTORY_PRUNED.inc(removed)
+            log.info("history pruned", extra={"event": "history_pruned", "removed": removed})
+        row = await conn.fetchrow(
+            "SELECT pg_notification_queue_usage() AS usage,"
+            " (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,"
+            " (SELECT extract(epoch FROM clock_timestamp() - min(sequenced_at)) FROM realtime.events) AS age"
+        )
+        metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)
+        metrics.HISTORY_ROWS.set(max(0.0, row["rows"] or 0))
+        metrics.HISTORY_AGE.set(row["age"] or 0)

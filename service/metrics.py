@@ -1,0 +1,119 @@
+"""Prometheus metrics, all prefixed ``pgsse_``, in base units.
+
+Declared once per process (one process per container; no multiprocess mode). Labels never
+carry ids or raw paths: routes are templates, aggregates are the names of loaded files.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import disable_created_metrics
+
+disable_created_metrics()
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+CONNECTED_CLIENTS = Gauge(
+    "pgsse_connected_clients", "Event streams currently open.", registry=REGISTRY
+)
+EVENTS_READ = Counter(
+    "pgsse_events_read", "Events read from the PostgreSQL event log.", registry=REGISTRY
+)
+EVENTS_DELIVERED = Counter(
+    "pgsse_events_delivered", "Events written to client streams (one per client per event).",
+    registry=REGISTRY,
+)
+DELIVERY_LATENCY = Histogram(
+    "pgsse_delivery_latency_seconds",
+    "Time from the change being written in PostgreSQL to its bytes being written to a client "
+    "(sampled: one observation per client write).",
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+FANOUT_DURATION = Histogram(
+    "pgsse_fanout_duration_seconds", "Time to hand one batch of events to every subscriber.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+    registry=REGISTRY,
+)
+FEED_UP = Gauge(
+    "pgsse_feed_up", "1 while the change-feed (LISTEN) connection is open.", registry=REGISTRY
+)
+FEED_RECONNECTS = Counter(
+    "pgsse_feed_reconnects", "Change-feed reconnections after a lost connection.",
+    registry=REGISTRY,
+)
+FEED_LAG_POSITIONS = Gauge(
+    "pgsse_feed_lag_positions", "Positions sequenced in PostgreSQL but not yet fanned out here.",
+    registry=REGISTRY,
+)
+FEED_LAG_SECONDS = Gauge(
+    "pgsse_feed_lag_seconds", "Age of the newest event fanned out when it was read.",
+    registry=REGISTRY,
+)
+SEQUENCER_LEADER = Gauge(
+    "pgsse_sequencer_leader", "1 while this process holds the sequencer lock.", registry=REGISTRY
+)
+EVENTS_SEQUENCED = Counter(
+    "pgsse_events_sequenced", "Events given a position by this process's sequencer.",
+    registry=REGISTRY,
+)
+SLOW_CLIENTS_DROPPED = Counter(
+    "pgsse_slow_clients_dropped", "Streams closed because their buffer overflowed.",
+    registry=REGISTRY,
+)
+REPLAYS = Counter(
+    "pgsse_replays", "Stream resumptions by how they were served.", ["source"], registry=REGISTRY
+)
+STREAMS_ENDED = Counter(
+    "pgsse_streams_ended", "Streams ended by the server, by reason.", ["reason"], registry=REGISTRY
+)
+REJECTED = Counter(
+    "pgsse_rejected_requests", "Requests refused by a limit, by limit.", ["limit"],
+    registry=REGISTRY,
+)
+NOTIFY_QUEUE_USAGE = Gauge(
+    "pgsse_notify_queue_usage_ratio", "pg_notification_queue_usage() of the database.",
+    registry=REGISTRY,
+)
+HISTORY_ROWS = Gauge(
+    "pgsse_history_rows", "Events retained in realtime.events (estimate).", registry=REGISTRY
+)
+HISTORY_AGE = Gauge(
+    "pgsse_history_oldest_age_seconds", "Age of the oldest retained event.", registry=REGISTRY
+)
+HISTORY_PRUNED = Counter(
+    "pgsse_history_pruned_events", "Events pruned past HISTORY_RETENTION.", registry=REGISTRY
+)
+AGGREGATE_REQUESTS = Counter(
+    "pgsse_aggregate_requests", "Aggregate requests by outcome (200, 304, 4xx).",
+    ["aggregate", "outcome"], registry=REGISTRY,
+)
+AGGREGATE_QUERY_DURATION = Histogram(
+    "pgsse_aggregate_query_duration_seconds", "Time spent running aggregate queries.",
+    ["aggregate"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+AGGREGATE_CACHE_BYTES = Gauge(
+    "pgsse_aggregate_cache_bytes", "Bytes held by the aggregate result cache.", registry=REGISTRY
+)
+HTTP_REQUESTS = Counter(
+    "pgsse_http_requests", "HTTP requests by route template, method and status.",
+    ["route", "method", "status"], registry=REGISTRY,
+)
+HTTP_DURATION = Histogram(
+    "pgsse_http_request_duration_seconds",
+    "Time to the response start, by route template (streams: time to headers).",
+    ["route"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,98 @@
+"""Pure ASGI middleware: request id, access log, HTTP metrics, security headers, size limits."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics
+from .errors import BadRequest
+from .logs import redact
+
+log = logging.getLogger("pgsse.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_QUERY_BYTES = 8192
+MAX_HEADER_BYTES = 16384
+
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-site"),
+]
+HTML_CSP = (b"content-security-policy",
+            b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+            b"connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")
+
+
+def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match == Match.FULL:
+            return getattr(route, "path", "other")
+    return "unmatched"
+
+
+class RequestContext:
+    """Takes or makes ``X-Request-ID``, echoes it, logs one line, counts by route template."""
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        route = route_template(self.routes, scope)
+        started = time.perf_counter()
+        method = scope["method"]
+        query = scope.get("query_string", b"")
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if len(query) > MAX_QUERY_BYTES or header_bytes > MAX_HEADER_BYTES:
+            metrics.REJECTED.labels("request_size").inc()
+            error = BadRequest("query string or headers too large", code="request_too_large")
+            await self._respond(error.response(), scope, receive, send, request_id, route, started)
+            return
+        await self._respond(self.app, scope, receive, send, request_id, route, started)
+
+    async def _respond(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send,
+                       request_id: str, route: str, started: float) -> None:
+        rid = request_id.encode()
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                extra = [(b"x-request-id", rid), *SECURITY_HEADERS]
+                content_type = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
+                if content_type.startswith(b"text/html"):
+                    extra.append(HTML_CSP)
+                message["headers"] = [*message.get("headers", []), *extra]
+                elapsed = time.perf_counter() - started
+                metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+                metrics.HTTP_DURATION.labels(route).observe(elapsed)
+                path = scope["path"]
+                query = scope.get("query_string", b"").decode("latin-1")
+                client = scope.get("client")
+                log.info(
+                    "%s %s %d", scope["method"], route, status,
+                    extra={"event": "http_request", "request_id": request_id, "route": route,
+                           "method": scope["method"], "status": status,
+                           "path": path, "query": redact(query) if query else "",
+                           "client": client[0] if client else None,
+                           "duration_ms": round(elapsed * 1000, 2)},
+                )
+            await send(message)
+
+        await app(scope, receive, send_wrapper)

@@ -1,0 +1,191 @@
+"""Configuration: one frozen ``Settings`` built from environment variables.
+
+Every variable is parsed up front and every bad one is reported in a single
+``ConfigError`` so an operator fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parent.parent
+SQL_DIR = ROOT / "sql"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    """Raised at start-up when one or more environment variables are invalid."""
+
+    def __init__(self, problems: dict[str, str]) -> None:
+        self.problems = problems
+        lines = "; ".join(f"{name}: {why}" for name, why in sorted(problems.items()))
+        super().__init__(f"invalid configuration: {lines}")
+
+
+def parse_duration(text: str) -> float:
+    """``<n>ms|s|m|h|d`` (a bare number means seconds) → seconds."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", text):
+        return float(text)
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"expected a duration like 30s, 5m, 24h or 7d, got {text!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"expected true/false, got {text!r}")
+
+
+def _int_range(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text.strip())
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _secret_list(text: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in text.split(","))
+    if not keys or any(not key for key in keys):
+        raise ValueError("must be one or more non-empty comma-separated keys")
+    return keys
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_secret: tuple[str, ...] = ()
+    auth_audience: str | None = None
+    auth_issuer: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    forwarded_allow_ips: str = "127.0.0.1"
+    heartbeat_seconds: float = 15.0
+    stream_max_seconds: float = 3600.0
+    history_retention_seconds: float = 86400.0
+    aggregates_dir: Path | None = None
+    demo: bool = False
+    demo_rate: float = 5.0
+    log_level: str = "info"
+    log_format: str = "json"
+    max_event_bytes: int = 256 * 1024
+    client_buffer_bytes: int = 1024 * 1024
+    max_connections: int = 15000
+    max_connections_per_client: int = 64
+    aggregate_rate_per_second: float = 50.0
+    aggregate_cache_bytes: int = 64 * 1024 * 1024
+    wakeup: str = "auto"
+    poll_interval_seconds: float = 0.005
+    shutdown_grace_seconds: float = 10.0
+    retry_ms: int = 2000
+    data_dir: Path = field(default_factory=lambda: ROOT / ".data")
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.auth_secret)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``env`` (default ``os.environ``); raise one ``ConfigError``."""
+        source = os.environ if env is None else env
+        problems: dict[str, str] = {}
+        values: dict[str, Any] = {}
+
+        def take(name: str, attr: str, parse: Callable[[str], Any]) -> None:
+            raw = source.get(name)
+            if raw is None:
+                return
+            try:
+                values[attr] = parse(raw)
+            except ValueError as exc:
+                problems[name] = str(exc) or "invalid value"
+
+        def optional_str(text: str) -> str | None:
+            return text.strip() or None
+
+        take("DATABASE_URL", "database_url", optional_str)
+        take("HOST", "host", lambda t: t.strip() or "127.0.0.1")
+        take("PORT", "port", _int_range(0, 65535))
+        take("AUTH_SECRET", "auth_secret", _secret_list)
+        take("AUTH_AUDIENCE", "auth_audience", optional_str)
+        take("AUTH_ISSUER", "auth_issuer", optional_str)
+        take("CORS_ORIGINS", "cors_origins", _csv)
+        take("FORWARDED_ALLOW_IPS", "forwarded_allow_ips", lambda t: t.strip())
+        take("HEARTBEAT_SECONDS", "heartbeat_seconds", _positive_duration)
+        take("STREAM_MAX_SECONDS", "stream_max_seconds", _positive_duration)
+        take("HISTORY_RETENTION", "history_retention_seconds", _positive_duration)
+        take("AGGREGATES_DIR", "aggregates_dir", _existing_dir)
+        take("DEMO", "demo", _bool)
+        take("DEMO_RATE", "demo_rate", _positive_float)
+        take("LOG_LEVEL", "log_level", _choice("debug", "info", "warning", "error"))
+        take("LOG_FORMAT", "log_format", _choice("json", "text"))
+        take("MAX_EVENT_BYTES", "max_event_bytes", _int_range(1024, 64 * 1024 * 1024))
+        take("CLIENT_BUFFER_BYTES", "client_buffer_bytes", _int_range(4096, 1 << 30))
+        take("MAX_CONNECTIONS", "max_connections", _int_range(1, 1_000_000))
+        take("MAX_CONNECTIONS_PER_CLIENT", "max_connections_per_client", _int_range(1, 1_000_000))
+        take("AGGREGATE_RATE_PER_SECOND", "aggregate_rate_per_second", _positive_float)
+        take("AGGREGATE_CACHE_BYTES", "aggregate_cache_bytes", _int_range(0, 1 << 40))
+        take("WAKEUP", "wakeup", _choice("auto", "poll", "notify"))
+        take("POLL_INTERVAL", "poll_interval_seconds", _positive_duration)
+        take("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", _positive_duration)
+        take("RETRY_MS", "retry_ms", _int_range(100, 600_000))
+        take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
+        if problems:
+            raise ConfigError(problems)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def _existing_dir(text: str) -> Path | None:
+    if not text.strip():
+        return None
+    path = Path(text).expanduser().resolve()
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    return path
