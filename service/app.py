@@ -24,6 +24,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from . import db, metrics
+from .aggregates import Aggregates
 from .auth import Authenticator
 from .errors import Forbidden, NotFound, PgsseError, Unavailable
 from .feed import EventDecoder, Listener, Sequencer
@@ -53,7 +54,7 @@ class State:
         self.stop = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
-        self.aggregates: Any = None
+        self.aggregates = Aggregates(settings)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -82,10 +83,10 @@ class State:
                 from . import demo
 
                 await demo.install(conn)
-        if self.aggregates is not None:
-            await self.aggregates.start(self)
         self.listener = Listener(self.settings, url, self.hub)
         self.decoder = self.listener.decoder
+        await self.aggregates.start(self)
+        self.listener.on_batch.append(self.aggregates.on_events)
         self.sequencer = Sequencer(self.settings, url)
         self._spawn(self.sequencer.run(self.stop), "sequencer")
         self._spawn(self.listener.run(self.stop), "listener")
@@ -156,7 +157,7 @@ async def stats(request: Request) -> Response:
         "sequencer_leader": bool(state.sequencer and state.sequencer.leader),
         "draining": state.hub.draining,
         "uptime_seconds": round(time.time() - state.started_at, 1),
-        "cache": state.aggregates.cache_stats() if state.aggregates is not None else {},
+        "cache": state.aggregates.cache_stats(),
     }
     return JSONResponse(body)
 
@@ -197,6 +198,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, database_url: str | None = None) -> Starlette:
     state = State(settings, database_url)
     stream = EventStream(state)
+    stream.resume_hooks.append(state.aggregates.on_resume)
     from . import openapi
 
     routes = [
@@ -206,6 +208,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         Route("/events", stream, methods=["GET", "HEAD"]),
         Route("/stats", stats, methods=["GET"]),
         Route("/openapi.json", openapi.endpoint, methods=["GET"]),
+        *state.aggregates.routes(),
         Route("/", dashboard, methods=["GET", "HEAD"]),
         Route("/static/{name}", static_file, methods=["GET", "HEAD"]),
     ]

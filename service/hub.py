@@ -58,7 +58,7 @@ class Subscription:
 
     __slots__ = (
         "topics", "cursor", "limit", "buffer", "size", "first_at", "waiter", "closed",
-        "last_write", "ends_at", "mark", "client_key",
+        "last_write", "ends_at", "mark", "client_key", "task", "sending",
     )
 
     def __init__(self, topics: tuple[str, ...], cursor: int, limit: int, ends_at: float,
@@ -75,6 +75,10 @@ class Subscription:
         self.ends_at = ends_at
         self.mark = 0
         self.client_key = client_key
+        # The stream's task, and whether it is blocked writing to a full socket: a slow
+        # client's write can block forever, so closing it as slow cancels that write.
+        self.task: asyncio.Task[object] | None = None
+        self.sending = False
 
     def push(self, frame: bytes, created_at: float = 0.0) -> None:
         if self.closed is not None:
@@ -98,6 +102,8 @@ class Subscription:
             self.buffer.clear()
             self.size = 0
             self.wake()
+            if self.sending and self.task is not None and reason in ("slow", "shutdown"):
+                self.task.cancel()
 
     async def wait(self) -> None:
         """Return once something is buffered or the subscription is closed."""

@@ -49,6 +49,13 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extras}" if extras else line
 
 
+class DropAbandonedStreams(logging.Filter):
+    """A slow client's stream is ended by abandoning its blocked write on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ASGI callable returned without completing")
+
+
 def config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
     formatter = "pgsse.logs.JsonFormatter" if fmt == "json" else "pgsse.logs.TextFormatter"
     formatter = formatter.replace("pgsse.", "service.")
@@ -57,7 +64,8 @@ def config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"main": {"()": formatter}},
-        "handlers": {"main": handler},
+        "filters": {"abandoned": {"()": "service.logs.DropAbandonedStreams"}},
+        "handlers": {"main": {**handler, "filters": ["abandoned"]}},
         "loggers": {
             "pgsse": {"handlers": ["main"], "level": level.upper(), "propagate": False},
             "uvicorn": {"handlers": ["main"], "level": level.upper(), "propagate": False},

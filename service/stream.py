@@ -138,6 +138,7 @@ class EventStream:
         live_from = state.hub.subscribe(sub)
         sub.cursor = live_from
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
+        sub.task = asyncio.current_task()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body",
@@ -154,6 +155,15 @@ class EventStream:
                 tail = retry_frame(250, 3000)
             if reason != "disconnect":
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except asyncio.CancelledError:
+            if sub.closed not in ("slow", "shutdown") or not sub.sending:
+                raise
+            # The write to this client's full socket was abandoned; returning without
+            # completing the response makes the server close the connection.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            metrics.STREAMS_ENDED.labels(sub.closed).inc()
         finally:
             watcher.cancel()
             state.hub.unsubscribe(sub)
@@ -228,7 +238,9 @@ class EventStream:
                 return
             count = len(sub.buffer)
             first_at = sub.first_at
+            sub.sending = True
             await send({"type": "http.response.body", "body": sub.take(), "more_body": True})
+            sub.sending = False
             sub.last_write = time.monotonic()
             if first_at:
                 latency.observe(time.time() - first_at)

@@ -1,0 +1,168 @@
+"""The SQL side against a real PostgreSQL: watch, publish, prune, and the sequencer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import asyncpg
+import pytest
+
+
+async def sequence(conn: asyncpg.Connection) -> None:
+    while await conn.fetchval("SELECT realtime.sequence_v1(5000)"):
+        pass
+
+
+async def events(conn: asyncpg.Connection) -> list[dict]:
+    await sequence(conn)
+    rows = await conn.fetch("SELECT position, topics, type, tbl, payload::text FROM realtime.events ORDER BY position")
+    return [{"position": r["position"], "topics": list(r["topics"]), "type": r["type"],
+             "tbl": r["tbl"], "data": json.loads(r["payload"])} for r in rows]
+
+
+@pytest.fixture
+async def items(conn: asyncpg.Connection) -> asyncpg.Connection:
+    await conn.execute(
+        "CREATE TABLE public.items (id int PRIMARY KEY, shop text, name text, secret text)")
+    await conn.execute("SELECT realtime.watch('public.items', 'items', 'shop', ARRAY['id','shop','name'])")
+    return conn
+
+
+async def test_insert_update_delete_truncate_events(items: asyncpg.Connection) -> None:
+    conn = items
+    await conn.execute("INSERT INTO items VALUES (1, 'a', 'one', 's1'), (2, NULL, 'two', 's2')")
+    await conn.execute("UPDATE items SET name = 'uno' WHERE id = 1")
+    await conn.execute("DELETE FROM items WHERE id = 2")
+    await conn.execute("TRUNCATE items")
+    got = await events(conn)
+    assert [e["type"] for e in got] == [
+        "items.insert", "items.insert", "items.update", "items.delete", "items.truncate"]
+    assert [e["position"] for e in got] == [1, 2, 3, 4, 5]
+    first = got[0]["data"]
+    assert first["topic"] == "items/a" and got[1]["data"]["topic"] == "items"
+    assert first["op"] == "insert" and first["table"] == "public.items" and first["old"] is None
+    assert first["row"] == {"id": 1, "shop": "a", "name": "one"}, "columns limits what row carries"
+    assert first["ts"].endswith("Z")
+    update = got[2]["data"]
+    assert update["row"]["name"] == "uno" and update["old"]["name"] == "one"
+    assert got[3]["data"]["row"]["id"] == 2 and got[3]["data"]["old"] is None
+    assert got[4]["data"]["row"] is None and got[4]["topics"] == ["items"]
+
+
+async def test_key_change_reaches_old_and_new_topic(items: asyncpg.Connection) -> None:
+    await items.execute("INSERT INTO items VALUES (1, 'a', 'one', 's')")
+    await items.execute("UPDATE items SET shop = 'b' WHERE id = 1")
+    got = await events(items)
+    assert got[-1]["topics"] == ["items/b", "items/a"]
+    assert got[-1]["data"]["topic"] == "items/b"
+
+
+async def test_key_values_are_percent_encoded(items: asyncpg.Connection) -> None:
+    await items.execute("INSERT INTO items VALUES (1, 'a b/ü%', 'x', 's')")
+    got = await events(items)
+    assert got[0]["data"]["topic"] == "items/a%20b%2F%C3%BC%25"
+
+
+async def test_rollback_emits_nothing(items: asyncpg.Connection) -> None:
+    tr = items.transaction()
+    await tr.start()
+    await items.execute("INSERT INTO items VALUES (1, 'a', 'one', 's')")
+    await tr.rollback()
+    assert await events(items) == []
+
+
+async def test_publish_validates_and_is_transactional(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT realtime.publish('alerts/eu', 'alert.raised', '{\"level\": 3}')")
+    got = await events(conn)
+    assert got[0]["type"] == "alert.raised" and got[0]["data"] == {"level": 3}
+    for topic, type_ in [("bad topic", "x"), ("a//b", "x"), ("ok", "reset"), ("ok", "aggregate.x"),
+                         ("ok", "auth_expired"), ("ok", "bad type!"), ("ok", "x" * 65)]:
+        with pytest.raises(asyncpg.PostgresError):
+            await conn.execute("SELECT realtime.publish($1, $2, '{}')", topic, type_)
+
+
+async def test_watch_rejects_unknown_columns_and_unwatch_stops(items: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.PostgresError):
+        await items.execute("SELECT realtime.watch('public.items', 'items', 'nope')")
+    await items.execute("SELECT realtime.unwatch('public.items')")
+    await items.execute("INSERT INTO items VALUES (9, 'a', 'x', 's')")
+    assert await events(items) == []
+
+
+async def test_payload_over_notify_limit_is_stored_whole(conn: asyncpg.Connection) -> None:
+    big = "x" * 20000
+    await conn.execute("SELECT realtime.publish('big', 'blob', jsonb_build_object('text', $1::text))", big)
+    got = await events(conn)
+    assert got[0]["data"]["text"] == big
+
+
+async def test_prune_keeps_a_prefix_and_records_it(conn: asyncpg.Connection) -> None:
+    for i in range(5):
+        await conn.execute("SELECT realtime.publish('p', 'tick', jsonb_build_object('i', $1::int))", i)
+    await sequence(conn)
+    removed = await conn.fetchval("SELECT realtime.prune('0 seconds')")
+    assert removed == 5
+    assert await conn.fetchval("SELECT pruned_through FROM realtime.sequencer") == 5
+
+
+async def test_positions_follow_commit_order_not_insert_order(database: str) -> None:
+    """A transaction that inserted first but commits last gets the later position."""
+    early = await asyncpg.connect(database)
+    late = await asyncpg.connect(database)
+    try:
+        tr = early.transaction()
+        await tr.start()
+        await early.execute("SELECT realtime.publish('t', 'first_inserted', '{}')")
+        await late.execute("SELECT realtime.publish('t', 'second_inserted', '{}')")
+        await late.execute("SELECT realtime.sequence_v1()")
+        await tr.commit()
+        got = await events(late)
+        assert [e["type"] for e in got] == ["second_inserted", "first_inserted"]
+    finally:
+        await early.close()
+        await late.close()
+
+
+async def test_concurrent_writers_and_sequencer_never_skip(database: str) -> None:
+    """Readers following position > cursor during out-of-order commits see every event."""
+    pool = await asyncpg.create_pool(database, min_size=4, max_size=6)
+    assert pool is not None
+    stop = asyncio.Event()
+
+    async def writer(n: int) -> int:
+        done = 0
+        for i in range(60):
+            async with pool.acquire() as c, c.transaction():
+                await c.execute("SELECT realtime.publish('w', 'w', jsonb_build_object('n', $1::int, 'i', $2::int))", n, i)
+                await asyncio.sleep(random.uniform(0, 0.01))
+            done += 1
+        return done
+
+    async def sequencer() -> None:
+        async with pool.acquire() as c:
+            while not stop.is_set():
+                await c.execute("SELECT realtime.sequence_v1()")
+                await asyncio.sleep(0.001)
+
+    seen: list[int] = []
+
+    async def reader() -> None:
+        cursor = 0
+        async with pool.acquire() as c:
+            while not stop.is_set() or cursor < await c.fetchval("SELECT last_position FROM realtime.sequencer"):
+                rows = await c.fetch("SELECT position FROM realtime.events WHERE position > $1 ORDER BY position", cursor)
+                for r in rows:
+                    seen.append(r["position"])
+                    cursor = r["position"]
+                await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(sequencer()), asyncio.create_task(reader())]
+    counts = await asyncio.gather(*(writer(n) for n in range(4)))
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*tasks)
+    await pool.close()
+    assert sum(counts) == 240
+    assert seen == list(range(1, 241))
