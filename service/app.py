@@ -85,7 +85,6 @@ class State:
                 await demo.install(conn)
         self.listener = Listener(self.settings, url, self.hub)
         self.decoder = self.listener.decoder
-        await self.aggregates.start(self)
         self.listener.on_batch.append(self.aggregates.on_events)
         self.sequencer = Sequencer(self.settings, url)
         self._spawn(self.sequencer.run(self.stop), "sequencer")
@@ -95,6 +94,7 @@ class State:
 
             self._spawn(demo.Writer(url, self.settings.demo_rate).run(self.stop), "demo-writer")
         await self.listener.started.wait()
+        await self.aggregates.start(self)
         log.info("ready", extra={"event": "started", "position": self.hub.position})
 
     def _spawn(self, coro: Any, name: str) -> None:
