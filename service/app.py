@@ -89,6 +89,7 @@ class State:
         self.sequencer = Sequencer(self.settings, url)
         self._spawn(self.sequencer.run(self.stop), "sequencer")
         self._spawn(self.listener.run(self.stop), "listener")
+        self._spawn(self.hub.run_sweeper(self.settings.heartbeat_seconds, self.stop), "sweeper")
         if self.settings.demo:
             from . import demo
 

@@ -136,7 +136,8 @@ class Listener:
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.url, timeout=5)
+                conn = await asyncpg.connect(
+                    self.url, timeout=5, server_settings={"application_name": "pgsse-listener"})
                 conn.add_termination_listener(self._on_terminate)
                 await conn.add_listener("realtime_events", self._on_notify)
                 await self.decoder.load_keys(conn)
@@ -221,7 +222,8 @@ class Sequencer:
         while not stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self.url, timeout=5)
+                conn = await asyncpg.connect(
+                    self.url, timeout=5, server_settings={"application_name": "pgsse-sequencer"})
                 while not stop.is_set():
                     if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK):
                         break

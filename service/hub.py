@@ -217,7 +217,7 @@ class Hub:
 
     async def run_sweeper(self, heartbeat_seconds: float, stop: asyncio.Event) -> None:
         """Owned by the app lifespan; ends when ``stop`` is set."""
-        period = max(0.05, min(heartbeat_seconds / 3, 5.0))
+        period = max(0.05, min(heartbeat_seconds / 3, 1.0))
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=period * random.uniform(0.9, 1.1))

@@ -153,8 +153,10 @@ class EventStream:
                 tail = AUTH_EXPIRED_FRAME
             elif reason in ("shutdown", "max_age"):
                 tail = retry_frame(250, 3000)
-            if reason != "disconnect":
+            if reason not in ("disconnect", "slow"):
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
+            # A slow client's response is left incomplete on purpose: the server then closes
+            # the connection instead of keeping it alive for another request.
         except asyncio.CancelledError:
             if sub.closed not in ("slow", "shutdown") or not sub.sending:
                 raise
