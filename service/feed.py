@@ -41,7 +41,9 @@ SAFETY_POLL_SECONDS = 1.0
 IDLE_POLL_SECONDS = 0.1
 PRUNE_EVERY_SECONDS = 60.0
 
-CONNECTION_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+# Anything going wrong on a feed connection (asyncpg raises several kinds, including
+# InternalClientError when a backend is killed mid-query) means: reconnect and catch up.
+CONNECTION_ERRORS = (Exception,)
 
 READ_SQL = """
 SELECT position, topics, type, tbl, payload::text AS payload,

@@ -109,6 +109,7 @@ class SseStream:
     retries: list[int] = field(default_factory=list)
     ended: bool = False
     last_id: str | None = None
+    error: str | None = None
 
 
 def parse_frames(buffer: str, stream: SseStream) -> str:
@@ -164,6 +165,42 @@ async def read_sse(
                     stream.ended = True
         except TimeoutError:
             pass
-        except httpx.HTTPError:
+        except httpx.HTTPError as exc:
+            stream.error = repr(exc)
             stream.ended = True
     return stream
+
+
+async def read_sse_resuming(
+    url: str, *, params: Any = None, until: Any = None, timeout: float = 30.0,
+    last_id: str | None = None,
+) -> tuple[SseStream, int]:
+    """Like a browser's EventSource: reconnect with ``Last-Event-ID`` whenever the stream
+    ends, until ``until(total)`` holds or ``timeout``. Returns all events and the reconnects."""
+    total = SseStream()
+    reconnects = -1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        reconnects += 1
+        headers = {"Last-Event-ID": last_id} if last_id is not None else None
+
+        def done(part: SseStream) -> bool:
+            merged = SseStream(events=total.events + part.events)
+            return until is not None and until(merged)
+
+        part = await read_sse(url, params=params, headers=headers, until=done,
+                              timeout=max(0.1, deadline - time.monotonic()))
+        total.status = part.status
+        total.headers = part.headers
+        total.events.extend(part.events)
+        total.retries.extend(part.retries)
+        total.comments += part.comments
+        if part.last_id is not None:
+            last_id = part.last_id
+        total.last_id = last_id
+        if part.error is not None:
+            total.error = part.error  # a network error: a browser retries, and so do we
+        if part.status not in (0, 200) or (until is not None and until(total)):
+            break
+        await asyncio.sleep(0.05)
+    return total, reconnects

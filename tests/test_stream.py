@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import SseStream, read_sse
+from tests.support import SseStream, read_sse, read_sse_resuming
 
 Start = Callable[..., Any]
 
@@ -98,8 +98,12 @@ async def stream_while(url: str, start_position: int, done: asyncio.Event,
         want = expected()
         return want is not None and len(s.events) >= want
 
-    params = [("topic", t) for t in topics] + [("last_event_id", str(start_position))]
-    return await read_sse(url + "/events", params=params, until=finished, timeout=120)
+    params = [("topic", t) for t in topics]
+    # Reconnects with Last-Event-ID as a browser would (a client that falls behind is
+    # disconnected by design and must lose nothing when it resumes).
+    stream, _ = await read_sse_resuming(url + "/events", params=params, until=finished,
+                                        timeout=120, last_id=str(start_position))
+    return stream
 
 
 async def exactly_once_scenario(server: Any, conn: asyncpg.Connection, database: str,
