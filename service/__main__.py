@@ -14,7 +14,7 @@ from .settings import ConfigError, Settings
 
 def _settings(**overrides: object) -> Settings:
     try:
-        return Settings.from_env(**overrides)
+        return Settings.from_env(None, **overrides)
     except ConfigError as exc:
         print(f"pgsse: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
@@ -79,7 +79,8 @@ def migrate(args: argparse.Namespace) -> None:
 
 
 def demo(args: argparse.Namespace) -> None:
-    from . import db, demo as demo_module
+    from . import db
+    from . import demo as demo_module
 
     settings = _settings()
     url = _database_url(settings)

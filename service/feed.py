@@ -124,8 +124,8 @@ class Listener:
             and time.monotonic() - self.last_read < 5 * SAFETY_POLL_SECONDS
         )
 
-    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        if payload.isdigit():
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
+        if isinstance(payload, str) and payload.isdigit():
             self.head = max(self.head, int(payload))
         self._wake.set()
 
@@ -318,6 +318,7 @@ class Sequencer:
             " (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,"
             " (SELECT extract(epoch FROM clock_timestamp() - min(sequenced_at)) FROM realtime.events) AS age"
         )
+        assert row is not None
         metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)
         metrics.HISTORY_ROWS.set(max(0.0, row["rows"] or 0))
         metrics.HISTORY_AGE.set(row["age"] or 0)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
-from .errors import BadRequest, PgsseError, TooManyRequests
+from .errors import BadRequest, PgsseError
 from .hub import Event, Subscription
 from .topics import is_valid
 

@@ -14,7 +14,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
-import pytest
 
 from tests.support import ROOT, read_sse_resuming
 
@@ -115,7 +114,7 @@ async def test_metrics_pass_promtool_and_name_route_templates(server: Any,
                  "pgsse_feed_lag_positions", "pgsse_slow_clients_dropped_total",
                  "pgsse_http_requests_total"):
         assert name in text, name
-    delivered = [l for l in text.splitlines() if l.startswith("pgsse_events_delivered_total")]
+    delivered = [line for line in text.splitlines() if line.startswith("pgsse_events_delivered_total")]
     assert float(delivered[0].split()[-1]) >= 3
     assert 'route="unmatched"' in text and "/nope/123" not in text
 

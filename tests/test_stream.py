@@ -350,8 +350,8 @@ async def test_slow_client_is_dropped_and_loses_nothing(start_server: Start, con
     dropped = 0.0
     while time.monotonic() < deadline:
         text = httpx.get(server.url + "/metrics").text
-        dropped = next(float(l.split()[-1]) for l in text.splitlines()
-                       if l.startswith("pgsse_slow_clients_dropped_total"))
+        dropped = next(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith("pgsse_slow_clients_dropped_total"))
         if dropped >= 1:
             break
         await asyncio.sleep(0.2)
