@@ -136,7 +136,9 @@ class EventStream:
         expires_is_auth = principal.expires_at is not None and principal.expires_at - time.time() <= lifetime
         state.limits.opened(client_key)
         live_from = state.hub.subscribe(sub)
-        sub.cursor = live_from
+        # Live events at or below a resume position must not be delivered again, even if
+        # this replica has not fanned them out yet (the client may come from one ahead).
+        sub.cursor = live_from if position is None else max(live_from, position)
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
         sub.task = asyncio.current_task()
         try:
@@ -192,15 +194,17 @@ class EventStream:
         elif position < row["pruned_through"]:
             reason = "history_expired"
         if reason is not None:
+            # Start over from the present, atomically (no await in between): drop what
+            # was buffered and take live events after the hub's current position.
+            sub.buffer.clear()
+            sub.size = 0
+            sub.cursor = state.hub.position
             metrics.REPLAYS.labels("reset").inc()
-            await send({"type": "http.response.body", "body": reset_frame(live_from, reason),
+            await send({"type": "http.response.body", "body": reset_frame(sub.cursor, reason),
                         "more_body": True})
             return sub
-        if position > live_from:
-            # This replica is behind the position the client saw elsewhere: skip live
-            # events up to it. Anything already buffered at or below it is dropped here.
-            sub.cursor = max(sub.cursor, position)
-            return sub
+        if position >= live_from:
+            return sub  # nothing to replay; live events up to ``position`` are skipped
         metrics.REPLAYS.labels("history").inc()
         extra = []
         for hook in self.resume_hooks:
