@@ -22,11 +22,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import asyncpg
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
-from .errors import BadRequest, PgsseError
+from .errors import BadRequest, PgsseError, Unavailable
 from .hub import Event, Subscription
 from .topics import is_valid
 
@@ -116,10 +117,11 @@ class EventStream:
             await exc.response()(scope, receive, send)
             return
         settings = state.settings
-        if state.hub.draining or len(state.hub) >= settings.max_connections:
+        full = len(state.hub) >= settings.max_connections
+        if full or not state.ready_for_streams:
             # A browser EventSource gives up for good on a non-200: answer 200, ask it to
             # come back a little later (jittered), and close.
-            metrics.REJECTED.labels("process_connections" if not state.hub.draining else "draining").inc()
+            metrics.REJECTED.labels("process_connections" if full else "not_ready").inc()
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body", "body": retry_frame(1000, 5000)})
             return
@@ -146,14 +148,18 @@ class EventStream:
             await send({"type": "http.response.body",
                         "body": b"retry: %d\n\n" % settings.retry_ms, "more_body": True})
             if position is not None:
-                sub = await self._resume(sub, position, live_from, send)
+                try:
+                    await self._resume(sub, position, live_from, send)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable):
+                    # History is unreachable right now: come back shortly, from the same id.
+                    sub.close("history_unavailable")
             await self._pump(sub, send)
             reason = sub.closed or "disconnect"
             metrics.STREAMS_ENDED.labels(reason).inc()
             tail = b""
             if reason == "max_age" and expires_is_auth:
                 tail = AUTH_EXPIRED_FRAME
-            elif reason in ("shutdown", "max_age"):
+            elif reason in ("shutdown", "max_age", "history_unavailable"):
                 tail = retry_frame(250, 3000)
             if reason not in ("disconnect", "slow"):
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -182,7 +188,7 @@ class EventStream:
                 return
 
     async def _resume(self, sub: Subscription, position: int, live_from: int,
-                      send: Send) -> Subscription:
+                      send: Send) -> None:
         state = self.state
         row = await state.pool.fetchrow(
             "SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1")
@@ -202,9 +208,9 @@ class EventStream:
             metrics.REPLAYS.labels("reset").inc()
             await send({"type": "http.response.body", "body": reset_frame(sub.cursor, reason),
                         "more_body": True})
-            return sub
+            return
         if position >= live_from:
-            return sub  # nothing to replay; live events up to ``position`` are skipped
+            return  # nothing to replay; live events up to ``position`` are skipped
         metrics.REPLAYS.labels("history").inc()
         extra = []
         for hook in self.resume_hooks:
@@ -212,7 +218,6 @@ class EventStream:
         if extra:
             await send({"type": "http.response.body", "body": b"".join(extra), "more_body": True})
         await self._replay(sub, position, live_from, send)
-        return sub
 
     async def _replay(self, sub: Subscription, after: int, until: int, send: Send) -> None:
         wanted = set(sub.topics)
