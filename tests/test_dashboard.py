@@ -34,8 +34,7 @@ async def test_dashboard_shows_live_events(start_server: Start, conn: asyncpg.Co
                 "INSERT INTO demo.orders (store_id, product_id, quantity, total) VALUES (2, 2, 3, 30)")
             await conn.execute(
                 "SELECT realtime.publish('payouts/2', 'payout.status.changed', '{\"status\": \"paid\"}')")
-            await page.wait_for_function(
-                "document.querySelectorAll('#events li').length >= 2", timeout=10000)
+            await page.wait_for_selector("#events li:nth-child(2)", timeout=10000)
             types = await page.eval_on_selector_all("#events li", "els => els.map(e => e.dataset.type)")
             assert "orders.insert" in types and "payout.status.changed" in types
             await asyncio.sleep(1.2)
