@@ -20,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import metrics
 from .topics import prefixes
+
+if TYPE_CHECKING:
+    from starlette.types import Send
 
 HEARTBEAT = b": keep-alive\n\n"
 
@@ -54,11 +58,19 @@ class Event:
 
 
 class Subscription:
-    """One client's live feed: a bounded byte buffer and a wake-up future."""
+    """One client's live feed: a bounded byte buffer, then direct writes.
+
+    While the stream replays history, frames wait in ``buffer`` and the stream's task is
+    woken to write them. Once live, the stream hands over its ASGI ``send`` (``direct``) and
+    the hub writes each batch itself, synchronously: with the socket accepting data an ASGI
+    server's send completes without suspending, so a write costs no task switch. A send that
+    would suspend means the client's socket and the server's buffer are full — the client
+    cannot keep up — so the write is abandoned and the subscription closed as ``slow``.
+    """
 
     __slots__ = (
         "topics", "cursor", "limit", "buffer", "size", "first_at", "waiter", "closed",
-        "last_write", "ends_at", "mark", "client_key", "task", "sending",
+        "last_write", "ends_at", "mark", "client_key", "task", "sending", "direct",
     )
 
     def __init__(self, topics: tuple[str, ...], cursor: int, limit: int, ends_at: float,
@@ -79,6 +91,7 @@ class Subscription:
         # client's write can block forever, so closing it as slow cancels that write.
         self.task: asyncio.Task[object] | None = None
         self.sending = False
+        self.direct: Send | None = None
 
     def push(self, frame: bytes, created_at: float = 0.0) -> None:
         if self.closed is not None:
@@ -88,8 +101,29 @@ class Subscription:
         self.buffer.append(frame)
         self.size += len(frame)
         if self.size > self.limit:
-            metrics.SLOW_CLIENTS_DROPPED.inc()
             self.close("slow")
+
+    def flush(self) -> None:
+        """Write what is buffered now (live), or wake the stream's task (replaying)."""
+        if self.direct is None or not self.buffer or self.closed is not None:
+            self.wake()
+            return
+        first_at = self.first_at
+        count = len(self.buffer)
+        chunk = self.take()
+        write = self.direct({"type": "http.response.body", "body": chunk, "more_body": True})
+        assert isinstance(write, Coroutine)
+        try:
+            write.send(None)
+        except StopIteration:
+            self.last_write = time.monotonic()
+            metrics.observe_delivery(count, first_at)
+            return
+        except Exception:
+            self.close("error")
+            return
+        write.close()  # it suspended: the socket is full
+        self.close("slow")
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -98,7 +132,10 @@ class Subscription:
 
     def close(self, reason: str) -> None:
         if self.closed is None:
+            if reason == "slow":
+                metrics.SLOW_CLIENTS_DROPPED.inc()
             self.closed = reason
+            self.direct = None
             self.buffer.clear()
             self.size = 0
             self.wake()
@@ -108,6 +145,14 @@ class Subscription:
     async def wait(self) -> None:
         """Return once something is buffered or the subscription is closed."""
         while not self.buffer and self.closed is None:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def wait_closed(self) -> None:
+        while self.closed is None:
             self.waiter = asyncio.get_running_loop().create_future()
             try:
                 await self.waiter
@@ -181,7 +226,7 @@ class Hub:
             if position > self.position:
                 self.position = position
         for sub in touched:
-            sub.wake()
+            sub.flush()
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
 
     def publish_transient(self, topic: str, frame: bytes) -> None:
@@ -193,10 +238,8 @@ class Hub:
                 if sub.mark == tick or sub.closed is not None:
                     continue
                 sub.mark = tick
-                was_empty = not sub.buffer
                 sub.push(frame, time.time())
-                if was_empty:
-                    sub.wake()
+                sub.flush()
 
     def sweep(self, heartbeat_seconds: float) -> None:
         """Heartbeats for quiet streams; end streams past their deadline."""
@@ -209,7 +252,7 @@ class Hub:
                 sub.close("max_age")
             elif sub.last_write <= quiet_since and not sub.buffer:
                 sub.push(HEARTBEAT)
-                sub.wake()
+                sub.flush()
 
     def close_all(self, reason: str) -> None:
         for sub in list(self.subscriptions):

@@ -240,19 +240,15 @@ class EventStream:
 
     @staticmethod
     async def _pump(sub: Subscription, send: Send) -> None:
-        delivered = metrics.EVENTS_DELIVERED
-        latency = metrics.DELIVERY_LATENCY
-        while True:
-            if not sub.buffer:
-                await sub.wait()
-            if sub.closed is not None:
-                return
+        """Write what was buffered during replay, then hand the hub the socket."""
+        while sub.buffer and sub.closed is None:
             count = len(sub.buffer)
             first_at = sub.first_at
             sub.sending = True
             await send({"type": "http.response.body", "body": sub.take(), "more_body": True})
             sub.sending = False
             sub.last_write = time.monotonic()
-            if first_at:
-                latency.observe(time.time() - first_at)
-                delivered.inc(count)
+            metrics.observe_delivery(count, first_at)
+        if sub.closed is None:
+            sub.direct = send  # from here on the hub writes (no await since the check)
+            await sub.wait_closed()
