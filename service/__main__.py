@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import asyncio
+import gc
 import json
-import signal
 import sys
 from types import FrameType
 
@@ -153,7 +152,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
     p.set_defaults(func=database)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args.func(args)
 
 

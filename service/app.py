@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import db, metrics
 from .aggregates import Aggregates
@@ -242,11 +243,30 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                    allow_headers=["Authorization", "Last-Event-ID", "If-None-Match", "X-Request-ID"],
                    expose_headers=["ETag", "X-Request-ID", "Retry-After"], max_age=600),
     ]
-    app = Starlette(
+    app = PgsseApp(
         routes=routes, middleware=middleware, lifespan=lifespan,
         exception_handlers={PgsseError: pgsse_error, 404: not_found, 405: not_found,
                             500: server_error},
     )
+    # Streams are long-lived and many: they skip the router and exception middleware (one
+    # coroutine frame and send wrapper fewer each) but keep the same request-id, CORS,
+    # auth and limit code as every other route.
+    stream_stack: ASGIApp = stream
+    for entry in reversed(middleware):
+        stream_stack = entry.cls(stream_stack, *entry.args, **entry.kwargs)
+    app.stream_stack = stream_stack
     app.state.pgsse = state
     return app
+
+
+class PgsseApp(Starlette):
+    stream_stack: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (self.stream_stack is not None and scope["type"] == "http"
+                and scope["path"] == "/events" and scope["method"] in ("GET", "HEAD")):
+            scope["app"] = self
+            await self.stream_stack(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 

@@ -70,7 +70,7 @@ class Subscription:
 
     __slots__ = (
         "topics", "cursor", "limit", "buffer", "size", "first_at", "waiter", "closed",
-        "last_write", "ends_at", "mark", "client_key", "task", "sending", "direct",
+        "last_write", "ends_at", "mark", "client_key", "task", "sending", "direct", "parked",
     )
 
     def __init__(self, topics: tuple[str, ...], cursor: int, limit: int, ends_at: float,
@@ -92,6 +92,7 @@ class Subscription:
         self.task: asyncio.Task[object] | None = None
         self.sending = False
         self.direct: Send | None = None
+        self.parked = False  # the stream's task is waiting for the client to leave
 
     def push(self, frame: bytes, created_at: float = 0.0) -> None:
         if self.closed is not None:
@@ -139,7 +140,9 @@ class Subscription:
             self.buffer.clear()
             self.size = 0
             self.wake()
-            if self.sending and self.task is not None and reason in ("slow", "shutdown"):
+            if self.task is not None and (
+                    (self.parked and reason != "disconnect")
+                    or (self.sending and reason in ("slow", "shutdown"))):
                 self.task.cancel()
 
     async def wait(self) -> None:

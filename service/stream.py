@@ -141,6 +141,8 @@ class EventStream:
         # Live events at or below a resume position must not be delivered again, even if
         # this replica has not fanned them out yet (the client may come from one ahead).
         sub.cursor = live_from if position is None else max(live_from, position)
+        # While replaying, a helper task notices the client leaving; once live, the stream's
+        # own task waits for that instead (one task per idle stream, not two).
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
         sub.task = asyncio.current_task()
         try:
@@ -153,7 +155,7 @@ class EventStream:
                 except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable):
                     # History is unreachable right now: come back shortly, from the same id.
                     sub.close("history_unavailable")
-            await self._pump(sub, send)
+            await self._pump(sub, send, receive, watcher)
             reason = sub.closed or "disconnect"
             metrics.STREAMS_ENDED.labels(reason).inc()
             tail = b""
@@ -239,7 +241,8 @@ class EventStream:
                 metrics.EVENTS_DELIVERED.inc(len(frames))
 
     @staticmethod
-    async def _pump(sub: Subscription, send: Send) -> None:
+    async def _pump(sub: Subscription, send: Send, receive: Receive,
+                    watcher: asyncio.Future[None]) -> None:
         """Write what was buffered during replay, then hand the hub the socket."""
         while sub.buffer and sub.closed is None:
             count = len(sub.buffer)
@@ -249,6 +252,23 @@ class EventStream:
             sub.sending = False
             sub.last_write = time.monotonic()
             metrics.observe_delivery(count, first_at)
-        if sub.closed is None:
-            sub.direct = send  # from here on the hub writes (no await since the check)
-            await sub.wait_closed()
+        if sub.closed is not None:
+            return
+        sub.direct = send  # from here on the hub writes (no await since the check)
+        if watcher.done():
+            return
+        watcher.cancel()
+        sub.parked = True
+        try:
+            while sub.closed is None:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    sub.close("disconnect")
+        except asyncio.CancelledError:
+            if sub.closed is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # woken by ``close`` for its own reason: finish normally
+        finally:
+            sub.parked = False

@@ -75,8 +75,12 @@ class ServerProcess:
             return ""
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is not None:
+            if self.proc.returncode not in (0, -signal.SIGTERM):
+                raise RuntimeError(f"pgsse died with {self.proc.returncode}:\n{self.logs()[-2000:]}")
+            return self.proc.returncode
         self.proc.send_signal(sig)
         try:
             code = self.proc.wait(timeout)
