@@ -374,3 +374,19 @@ async def test_slow_client_is_dropped_and_loses_nothing(start_server: Start, con
     stats = httpx.get(server.url + "/stats").json()
     assert stats["clients"] == 0
     assert json.loads(json.dumps(stats))["position"] >= start + 2000
+
+
+@pytest.mark.parametrize("mode", ["poll", "notify", "auto"])
+async def test_every_wakeup_mode_delivers(start_server: Start, conn: asyncpg.Connection,
+                                          mode: str) -> None:
+    server = start_server({"WAKEUP": mode})
+    wake_writers = await conn.fetchval("SELECT wake_writers FROM realtime.sequencer")
+    assert wake_writers is (mode != "poll") or mode == "auto"
+    task = asyncio.create_task(read_sse(server.url + "/events", params={"topic": "mode"},
+                                        until=lambda s: len(s.events) >= 30, timeout=10))
+    await asyncio.sleep(0.4)
+    await publish(conn, "mode", 10)
+    await asyncio.sleep(0.3)  # let an auto-mode sequencer go idle, then wake it again
+    await publish(conn, "mode", 20, start=10)
+    stream = await task
+    assert [e.json()["i"] for e in stream.events] == list(range(30))
