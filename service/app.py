@@ -45,7 +45,7 @@ class State:
     def __init__(self, settings: Settings, database_url: str | None = None) -> None:
         self.settings = settings
         self.database_url = database_url or settings.database_url
-        self.hub = Hub()
+        self.hub = Hub(recent_bytes=settings.replay_memory_bytes)
         self.auth = Authenticator(settings)
         self.limits = Limits(settings.max_connections_per_client, settings.aggregate_rate_per_second)
         self._pool: asyncpg.Pool | None = None

@@ -18,8 +18,10 @@ Protocol:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -171,8 +173,13 @@ class Subscription:
 
 
 class Hub:
-    def __init__(self, position: int = 0) -> None:
+    def __init__(self, position: int = 0, recent_bytes: int = 8 << 20) -> None:
         self.position = position
+        # The latest events, positions contiguous up to ``position``: most resumes (a
+        # reconnect, a deploy) are served from here without touching the database.
+        self.recent: deque[Event] = deque()
+        self.recent_bytes = 0
+        self.recent_limit = recent_bytes
         self.subscriptions: set[Subscription] = set()
         self._index: dict[str, set[Subscription]] = {}
         self._tick = 0
@@ -228,9 +235,37 @@ class Hub:
                     sub.push(frame, event.created_at)
             if position > self.position:
                 self.position = position
+            self._remember(event)
         for sub in touched:
             sub.flush()
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
+
+    def _remember(self, event: Event) -> None:
+        recent = self.recent
+        if recent and recent[-1].position + 1 != event.position:
+            recent.clear()  # keep the window contiguous
+            self.recent_bytes = 0
+        if not self.recent_limit:
+            return
+        recent.append(event)
+        self.recent_bytes += len(event.frame)
+        while self.recent_bytes > self.recent_limit and len(recent) > 1:
+            self.recent_bytes -= len(recent.popleft().frame)
+
+    def replay_from_memory(self, after: int, until: int, topics: tuple[str, ...]) -> list[bytes] | None:
+        """Frames of ``(after, until]`` matching ``topics``, or ``None`` if not all in memory."""
+        recent = self.recent
+        if not recent or recent[0].position > after + 1 or recent[-1].position < until:
+            return None
+        wanted = set(topics)
+        start = after + 1 - recent[0].position
+        frames = []
+        for event in itertools.islice(recent, start, None):
+            if event.position > until:
+                break
+            if not wanted.isdisjoint(event.keys):
+                frames.append(event.frame)
+        return frames
 
     def publish_transient(self, topic: str, frame: bytes) -> None:
         """An event without a position (e.g. ``aggregate.invalidated``) to live streams."""

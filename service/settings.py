@@ -117,6 +117,7 @@ class Settings:
     poll_interval_seconds: float = 0.005
     shutdown_grace_seconds: float = 10.0
     retry_ms: int = 2000
+    replay_memory_bytes: int = 8 << 20
     data_dir: Path = field(default_factory=lambda: ROOT / ".data")
 
     @property
@@ -168,6 +169,7 @@ class Settings:
         take("POLL_INTERVAL", "poll_interval_seconds", _positive_duration)
         take("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", _positive_duration)
         take("RETRY_MS", "retry_ms", _int_range(100, 600_000))
+        take("REPLAY_MEMORY_BYTES", "replay_memory_bytes", _int_range(0, 1 << 34))
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
         if problems:
             raise ConfigError(problems)

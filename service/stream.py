@@ -213,12 +213,20 @@ class EventStream:
             return
         if position >= live_from:
             return  # nothing to replay; live events up to ``position`` are skipped
-        metrics.REPLAYS.labels("history").inc()
         extra = []
         for hook in self.resume_hooks:
             extra.extend(await hook(sub, position, live_from))
         if extra:
             await send({"type": "http.response.body", "body": b"".join(extra), "more_body": True})
+        frames = state.hub.replay_from_memory(position, live_from, sub.topics)
+        if frames is not None:
+            metrics.REPLAYS.labels("memory").inc()
+            if frames:
+                await send({"type": "http.response.body", "body": b"".join(frames),
+                            "more_body": True})
+                metrics.EVENTS_DELIVERED.inc(len(frames))
+            return
+        metrics.REPLAYS.labels("history").inc()
         await self._replay(sub, position, live_from, send)
 
     async def _replay(self, sub: Subscription, after: int, until: int, send: Send) -> None:

@@ -101,3 +101,12 @@ def test_transient_events_reach_live_subscribers() -> None:
     hub.subscribe(s)
     hub.publish_transient("aggregates/sales", b"event: aggregate.invalidated\ndata: {}\n\n")
     assert len(s.buffer) == 1
+
+
+def test_recent_events_replay_from_memory_when_contiguous() -> None:
+    hub = Hub(recent_bytes=500)
+    hub.fanout([event(i, "a" if i % 2 else "b") for i in range(1, 51)])
+    frames = hub.replay_from_memory(44, 50, ("a",))
+    assert frames == [event(i, "a").frame for i in (45, 47, 49)]
+    assert hub.replay_from_memory(0, 50, ("a",)) is None, "evicted: must come from history"
+    assert hub.recent_bytes <= 500

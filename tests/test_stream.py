@@ -225,7 +225,10 @@ def test_bad_last_event_id_header_gets_400(server: Any) -> None:
         assert response.status_code == 400, value
 
 
-async def test_resume_after_disconnect_no_gap_no_duplicate(server: Any, conn: asyncpg.Connection) -> None:
+@pytest.mark.parametrize("memory", ["8388608", "0"], ids=["from-memory", "from-history"])
+async def test_resume_after_disconnect_no_gap_no_duplicate(start_server: Start, conn: asyncpg.Connection,
+                                                           memory: str) -> None:
+    server = start_server({"REPLAY_MEMORY_BYTES": memory})
     start = await head(conn)
     await publish(conn, "resume/x", 50)
     first = await read_sse(server.url + "/events", timeout=10,
@@ -241,6 +244,9 @@ async def test_resume_after_disconnect_no_gap_no_duplicate(server: Any, conn: as
                             until=lambda s: len(first.events) + len(s.events) >= 100)
     got = [e.json()["i"] for e in first.events + second.events]
     assert got == list(range(100))
+    source = "memory" if memory != "0" else "history"
+    text = httpx.get(server.url + "/metrics").text
+    assert f'pgsse_replays_total{{source="{source}"}} 2.0' in text
 
 
 async def test_resume_across_service_restart(start_server: Start, conn: asyncpg.Connection) -> None:
