@@ -116,6 +116,8 @@ class EventStream:
         except PgsseError as exc:
             await exc.response()(scope, receive, send)
             return
+        method = request.method
+        del request  # parsed headers and query: not worth keeping for hours per stream
         settings = state.settings
         full = len(state.hub) >= settings.max_connections
         if full or not state.ready_for_streams:
@@ -125,7 +127,7 @@ class EventStream:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body", "body": retry_frame(1000, 5000)})
             return
-        if request.method == "HEAD":
+        if method == "HEAD":
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body", "body": b""})
             return
