@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from . import metrics
 from .topics import prefixes
@@ -114,8 +114,8 @@ class Subscription:
         first_at = self.first_at
         count = len(self.buffer)
         chunk = self.take()
-        write = self.direct({"type": "http.response.body", "body": chunk, "more_body": True})
-        assert isinstance(write, Coroutine)
+        write = cast(Coroutine[Any, Any, None],
+                     self.direct({"type": "http.response.body", "body": chunk, "more_body": True}))
         try:
             write.send(None)
         except StopIteration:
