@@ -33,6 +33,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from . import logs
     from .app import create_app
+    from .sqlfiles import AggregateFileError
 
     settings = _settings(**({"demo": True} if args.demo else {}))
     logs.setup(settings.log_level, settings.log_format)
@@ -40,7 +41,11 @@ def serve(args: argparse.Namespace) -> None:
     # generation threshold runs the collector so often that it doubles fan-out latency.
     gc.set_threshold(50_000, 20, 100)
     url = _database_url(settings)
-    app = create_app(settings, url)
+    try:
+        app = create_app(settings, url)
+    except AggregateFileError as exc:
+        print(f"pgsse: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
     state = app.state.pgsse
 
     class Server(uvicorn.Server):

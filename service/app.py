@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -33,6 +35,7 @@ from .hub import Hub
 from .limits import Limits
 from .middleware import RequestContext
 from .settings import Settings
+from .sqlfiles import AggregateFileError
 from .stream import EventStream
 
 log = logging.getLogger("pgsse.app")
@@ -96,7 +99,13 @@ class State:
 
             self._spawn(demo.Writer(url, self.settings.demo_rate).run(self.stop), "demo-writer")
         await self.listener.started.wait()
-        await self.aggregates.start(self)
+        try:
+            await self.aggregates.start(self)
+        except AggregateFileError as exc:
+            # A broken aggregate stops start-up, naming the file, the line and the problem.
+            log.critical(str(exc), extra={"event": "aggregate_invalid"})
+            print(f"pgsse: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
         log.info("ready", extra={"event": "started", "position": self.hub.position})
 
     def _spawn(self, coro: Any, name: str) -> None:

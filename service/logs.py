@@ -17,6 +17,9 @@ _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message
 _TOKEN_RE = re.compile(r"(access_token=)[^&]*", re.IGNORECASE)
 
 
+_EVENTS = {"uvicorn.error": "server", "uvicorn.access": "access"}
+
+
 def redact(text: str) -> str:
     return _TOKEN_RE.sub(r"\1[redacted]", text)
 
@@ -28,7 +31,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": getattr(record, "event", None) or record.name.rsplit(".", 1)[-1],
+            "event": getattr(record, "event", None) or _EVENTS.get(record.name, record.name),
             "message": redact(record.getMessage()),
         }
         for key, value in vars(record).items():

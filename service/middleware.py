@@ -57,7 +57,6 @@ class RequestContext:
         scope.setdefault("state", {})["request_id"] = request_id
         route = route_template(self.routes, scope)
         started = time.perf_counter()
-        method = scope["method"]
         query = scope.get("query_string", b"")
         header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
         if len(query) > MAX_QUERY_BYTES or header_bytes > MAX_HEADER_BYTES:

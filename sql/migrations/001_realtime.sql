@@ -292,6 +292,7 @@ BEGIN
 END
 $$;
 GRANT USAGE ON SCHEMA realtime TO pgsse_reader;
+GRANT SELECT ON realtime.events TO pgsse_reader;
 DO $$
 BEGIN
     IF NOT pg_has_role(current_user, 'pgsse_reader', 'MEMBER') THEN
