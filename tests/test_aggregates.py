@@ -1,0 +1,247 @@
+"""Aggregates against a real PostgreSQL and real pgsse processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.support import ROOT, read_sse, read_sse_resuming
+
+Start = Callable[..., Any]
+
+SALES = """-- Revenue per shop.
+-- param shop: text
+-- param min_total: numeric = 0
+-- cache: public, max-age=5
+SELECT shop, count(*) AS sales, sum(total) AS revenue
+FROM public.sales WHERE shop = :shop AND total >= :min_total
+GROUP BY shop
+"""
+PAGED = """-- All sales, paged.
+-- param page: int = 1
+-- param limit: int = 10
+SELECT id, shop, total FROM public.sales ORDER BY id
+"""
+STOCK = """-- Stock, which nobody watches.
+SELECT sum(qty) AS qty FROM public.stock
+"""
+
+
+@pytest.fixture
+async def agg_dir(conn: asyncpg.Connection, tmp_path: Path) -> Path:
+    await conn.execute("CREATE TABLE public.sales (id serial PRIMARY KEY, shop text, total numeric)")
+    await conn.execute("CREATE TABLE public.other (id int)")
+    await conn.execute("CREATE TABLE public.stock (qty int)")
+    await conn.execute("INSERT INTO public.stock VALUES (5)")
+    await conn.execute("SELECT realtime.watch('public.sales', 'sales', 'shop')")
+    await conn.execute("SELECT realtime.watch('public.other')")
+    await conn.execute("GRANT SELECT ON public.sales, public.other, public.stock TO pgsse_reader")
+    await conn.execute("INSERT INTO sales (shop, total) SELECT 's' || (g % 3), g FROM generate_series(1, 25) g")
+    directory = tmp_path / "aggregates"
+    directory.mkdir()
+    (directory / "sales.sql").write_text(SALES)
+    (directory / "paged.sql").write_text(PAGED)
+    (directory / "stock.sql").write_text(STOCK)
+    return directory
+
+
+def queries(server: Any, name: str) -> float:
+    text = httpx.get(server.url + "/metrics").text
+    prefix = f'pgsse_aggregate_query_duration_seconds_count{{aggregate="{name}"}}'
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not reached")
+
+
+async def test_etag_304_from_memory_and_changes_only_with_the_data(
+        start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    one = server.url + "/aggregates/sales?shop=s1"
+    first = httpx.get(one)
+    assert first.status_code == 200
+    body = first.json()
+    assert body["data"] == [{"shop": "s1", "sales": 9, "revenue": 117}]
+    assert isinstance(body["meta"]["position"], int)
+    etag = first.headers["etag"]
+    assert etag.startswith('W/"') and first.headers["cache-control"] == "public, max-age=5"
+    assert "Accept-Encoding" in first.headers["vary"]
+    assert httpx.get(one).headers["etag"] == etag, "stable across identical requests"
+    assert httpx.get(one + "&min_total=0").headers["etag"] == etag, "normalised params"
+    assert httpx.get(server.url + "/aggregates/sales?shop=s2").headers["etag"] != etag
+
+    before = queries(server, "sales")
+    for header in (etag, f'"x", {etag}', etag[2:], "*"):
+        cached = httpx.get(one, headers={"If-None-Match": header})
+        assert cached.status_code == 304 and cached.content == b""
+        assert cached.headers["etag"] == etag and "cache-control" in cached.headers
+    assert queries(server, "sales") == before, "a 304 runs no query"
+
+    await conn.execute("INSERT INTO other VALUES (1)")  # a table it does not read
+    await asyncio.sleep(0.5)
+    assert httpx.get(one, headers={"If-None-Match": etag}).status_code == 304
+
+    await conn.execute("INSERT INTO sales (shop, total) VALUES ('s0', 1)")  # another key, same table
+    for _ in range(100):
+        changed = httpx.get(one, headers={"If-None-Match": etag})
+        if changed.status_code == 200:
+            break
+        await asyncio.sleep(0.02)
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["meta"]["position"] > body["meta"]["position"]
+
+
+async def test_two_replicas_give_the_same_etag(start_server: Start, agg_dir: Path) -> None:
+    env = {"AGGREGATES_DIR": str(agg_dir)}
+    a, b = start_server(env), start_server(env)
+    url = "/aggregates/sales?shop=s2"
+    assert httpx.get(a.url + url).headers["etag"] == httpx.get(b.url + url).headers["etag"]
+
+
+async def test_single_flight_after_a_change(start_server: Start, conn: asyncpg.Connection,
+                                            agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir), "AGGREGATE_RATE_PER_SECOND": "100000"})
+    url = server.url + "/aggregates/sales?shop=s0"
+    httpx.get(url)
+    await conn.execute("INSERT INTO sales (shop, total) VALUES ('s0', 5)")
+    await asyncio.sleep(0.5)
+    before = queries(server, "sales")
+    limits = httpx.Limits(max_connections=200)
+    async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        responses = await asyncio.gather(*(client.get(url) for _ in range(200)))
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.headers["etag"] for r in responses}) == 1
+    assert queries(server, "sales") - before == 1
+
+
+async def test_bad_parameters_are_400_and_injection_is_only_data(
+        start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    base = server.url + "/aggregates/sales"
+    cases = {
+        "": "shop", "?shop=s1&nope=1": "nope", "?shop=s1&min_total=abc": "min_total",
+        "?shop=s1&min_total=1e999": "min_total", "?shop=s1&fields=nope": "fields",
+        "?shop=a&shop=b": "shop",
+    }
+    for query, param in cases.items():
+        response = httpx.get(base + query)
+        assert response.status_code == 400, query
+        assert response.json()["error"]["param"] == param
+    injected = httpx.get(base, params={"shop": "s1'; DROP TABLE sales; --"})
+    assert injected.status_code == 200 and injected.json()["data"] == []
+    assert await conn.fetchval("SELECT count(*) FROM sales") == 25
+    assert httpx.get(server.url + "/aggregates/nope").status_code == 404
+    assert httpx.get(server.url + "/aggregates/paged?limit=0").status_code == 400
+    assert httpx.get(server.url + "/aggregates/paged?limit=1001").status_code == 400
+    assert httpx.get(server.url + "/aggregates/paged?page=0").status_code == 400
+
+
+async def test_paging_fields_gzip_head_and_listing(start_server: Start, agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    page = httpx.get(server.url + "/aggregates/paged?page=3&limit=10&fields=id").json()
+    assert page["data"] == [{"id": i} for i in range(21, 26)]
+    assert {k: page["meta"][k] for k in ("page", "limit", "total", "totalPages")} == \
+        {"page": 3, "limit": 10, "total": 25, "totalPages": 3}
+    past = httpx.get(server.url + "/aggregates/paged?page=9&limit=10").json()
+    assert past["data"] == [] and past["meta"]["total"] == 25
+    plain = httpx.get(server.url + "/aggregates/paged?limit=100")
+    zipped = httpx.get(server.url + "/aggregates/paged?limit=100",
+                       headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert zipped.headers["etag"] == plain.headers["etag"]
+    assert zipped.json() == plain.json()  # httpx decodes gzip
+    head = httpx.head(server.url + "/aggregates/paged?limit=100")
+    assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == plain.headers["etag"]
+    listing = httpx.get(server.url + "/aggregates").json()["aggregates"]
+    sales = next(a for a in listing if a["name"] == "sales")
+    assert sales["description"] == "Revenue per shop."
+    assert sales["params"] == [{"name": "shop", "type": "text", "default": None},
+                               {"name": "min_total", "type": "numeric", "default": "0"}]
+    assert sales["cache"] == "public, max-age=5"
+    spec = httpx.get(server.url + "/openapi.json").json()
+    assert "/aggregates/sales" in spec["paths"]
+
+
+async def test_unwatched_table_etag_from_result_never_stale(
+        start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    url = server.url + "/aggregates/stock"
+    first = httpx.get(url)
+    assert first.json()["data"] == [{"qty": 5}]
+    assert httpx.get(url, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+    await conn.execute("UPDATE stock SET qty = 6")
+    second = httpx.get(url, headers={"If-None-Match": first.headers["etag"]})
+    assert second.status_code == 200 and second.json()["data"] == [{"qty": 6}]
+
+
+async def test_invalidation_events_live_and_on_resume(
+        start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    snapshot = httpx.get(server.url + "/aggregates/sales?shop=s1").json()
+    task = asyncio.create_task(read_sse(server.url + "/events",
+                                        params=[("topic", "aggregates/sales"), ("topic", "aggregates/paged")],
+                                        until=lambda s: len(s.events) >= 2, timeout=10))
+    await asyncio.sleep(0.5)
+    await conn.execute("INSERT INTO sales (shop, total) SELECT 's9', g FROM generate_series(1, 50) g")
+    stream = await task
+    names = sorted(e.json()["aggregate"] for e in stream.events)
+    assert names == ["paged", "sales"], "once per aggregate per batch"
+    assert all(e.event == "aggregate.invalidated" and e.id is None for e in stream.events)
+    resumed, _ = await read_sse_resuming(
+        server.url + "/events", params={"topic": "aggregates"},
+        last_id=str(snapshot["meta"]["position"]), until=lambda s: len(s.events) >= 2, timeout=5)
+    assert sorted(e.json()["aggregate"] for e in resumed.events) == ["paged", "sales"]
+
+
+def test_broken_file_stops_startup_naming_file_and_line(tmp_path: Path, database: str) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.sql").write_text("-- Broken.\n-- param x: integer\nSELECT :x\n")
+    env = {"DATABASE_URL": database, "AGGREGATES_DIR": str(bad), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "broken.sql:2" in result.stderr and "unknown type" in result.stderr
+    (bad / "broken.sql").write_text("-- Broken SQL.\nSELECT * FROM no_such_table\n")
+    env["PORT"] = "0"
+    result = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "broken.sql" in result.stderr and "no_such_table" in result.stderr
+
+
+async def test_demo_aggregates_use_indexes_at_100k_orders(conn: asyncpg.Connection) -> None:
+    from service import demo
+    from service.settings import SQL_DIR
+    from service.sqlfiles import parse
+
+    await demo.install(conn, orders=100_000)
+    await conn.execute("ANALYZE")
+    for path in sorted((SQL_DIR / "demo" / "aggregates").glob("*.sql")):
+        spec = parse(path)
+        args = [p.default for name in spec.order for p in spec.params if p.name == name]
+        plan = await conn.fetchval(f"EXPLAIN (FORMAT JSON) {spec.sql}", *args)
+        seq_scans: list[str] = []
+
+        def walk(node: dict[str, Any]) -> None:
+            if node.get("Node Type") == "Seq Scan" and node.get("Relation Name") == "orders":
+                seq_scans.append(path.name)
+            for child in node.get("Plans", []):
+                walk(child)
+
+        import json
+
+        walk(json.loads(plan)[0]["Plan"])
+        assert not seq_scans, f"{path.name} scans demo.orders sequentially"
