@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgsse.aggregates")
 MAX_LIMIT = 1000
+VOLATILE_CLAIMS = {"exp", "iat", "nbf", "jti"}
 GZIP_MIN = 512
 
 
@@ -76,7 +77,6 @@ class Aggregate:
         self.tables: tuple[str, ...] = ()
         self.columns: tuple[str, ...] = ()
         self.unwatched: tuple[str, ...] = ()
-        self.claims_in_sql = "request.jwt.claims" in spec.sql
         n = len(spec.order)
         wrapped = f"SELECT coalesce(jsonb_agg(to_jsonb(q) - ${n + 1}::text[]), '[]'::jsonb)::text FROM ({spec.sql}) q"
         if spec.paged:
@@ -250,8 +250,12 @@ class Aggregates:
         values, fields, paging = self._params(request, aggregate, principal.claims,
                                               state.auth.enabled)
         claims = json.dumps(principal.claims, sort_keys=True, default=str)
+        # With auth on, the caller's claims are part of the key: row-level security may
+        # read them even where the SQL does not, and one tenant's rows must never reach
+        # another. Token timestamps are left out so a refreshed token still hits.
+        scope = {k: v for k, v in principal.claims.items() if k not in VOLATILE_CLAIMS}
         key = (aggregate.name, tuple(values), fields, paging,
-               claims if aggregate.claims_in_sql else None)
+               json.dumps(scope, sort_keys=True, default=str) if state.auth.enabled else None)
         headers = {"Cache-Control": self._cache_control(aggregate, state.auth.enabled),
                    "Vary": "Accept-Encoding" + (", Authorization, Cookie" if state.auth.enabled else "")}
         etag = None if aggregate.unwatched else self._etag(aggregate, key)
