@@ -94,8 +94,8 @@ def start_server(database: str, tmp_path: Path) -> Iterator[object]:
     servers: list[ServerProcess] = []
 
     def start(env: dict[str, str] | None = None, url: str | None = None,
-              wait_ready: bool = True) -> ServerProcess:
-        server = ServerProcess(url or database, env, tmp_path)
+              wait_ready: bool = True, port: int | None = None) -> ServerProcess:
+        server = ServerProcess(url or database, env, tmp_path, port=port)
         servers.append(server)
         return server.start(wait_ready=wait_ready)
 
