@@ -15,7 +15,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
 from tests.support import ROOT, free_port, read_sse
 from tests.tools import require_tool
