@@ -316,7 +316,8 @@ class Sequencer:
         row = await conn.fetchrow(
             "SELECT pg_notification_queue_usage() AS usage,"
             " (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,"
-            " (SELECT extract(epoch FROM clock_timestamp() - min(sequenced_at)) FROM realtime.events) AS age"
+            " (SELECT extract(epoch FROM clock_timestamp() - sequenced_at) FROM realtime.events"
+            "  ORDER BY position LIMIT 1) AS age"
         )
         assert row is not None
         metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)

@@ -166,3 +166,15 @@ async def test_concurrent_writers_and_sequencer_never_skip(database: str) -> Non
     await pool.close()
     assert sum(counts) == 240
     assert seen == list(range(1, 241))
+
+
+async def test_prune_by_age_uses_checkpoints(conn: asyncpg.Connection) -> None:
+    for i in range(3):
+        await conn.execute("SELECT realtime.publish('p', 'tick', jsonb_build_object('i', $1::int))", i)
+    await sequence(conn)
+    assert await conn.fetchval("SELECT realtime.prune('1 hour')") == 0, "nothing is that old"
+    await conn.execute("UPDATE realtime.checkpoints SET at = at - interval '2 hours'")
+    await conn.execute("SELECT realtime.publish('p', 'tick', '{\"i\": 3}')")
+    await sequence(conn)
+    assert await conn.fetchval("SELECT realtime.prune('1 hour')") == 3
+    assert await conn.fetchval("SELECT min(position) FROM realtime.events") == 4
