@@ -245,37 +245,65 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
                     await asyncio.wait_for(state._pool.close(), timeout=3)
             log.info("stopped", extra={"event": "stopped"})
 
-    middleware = [
-        Middleware(RequestContext, routes=routes),
-        Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
-                   allow_credentials=bool(settings.cors_origins), allow_methods=["GET", "HEAD"],
-                   allow_headers=["Authorization", "Last-Event-ID", "If-None-Match", "X-Request-ID"],
-                   expose_headers=["ETag", "X-Request-ID", "Retry-After"], max_age=600),
-    ]
+    middleware = [Middleware(RequestContext, routes=routes)]
+    if settings.cors_origins:  # without an allow-list there is nothing to add to any response
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_credentials=True,
+            allow_methods=["GET", "HEAD"],
+            allow_headers=["Authorization", "Last-Event-ID", "If-None-Match", "X-Request-ID"],
+            expose_headers=["ETag", "X-Request-ID", "Retry-After"], max_age=600))
     app = PgsseApp(
         routes=routes, middleware=middleware, lifespan=lifespan,
         exception_handlers={PgsseError: pgsse_error, 404: not_found, 405: not_found,
                             500: server_error},
     )
-    # Streams are long-lived and many: they skip the router and exception middleware (one
-    # coroutine frame and send wrapper fewer each) but keep the same request-id, CORS,
-    # auth and limit code as every other route.
-    stream_stack: ASGIApp = stream
-    for entry in reversed(middleware):
-        stream_stack = entry.cls(stream_stack, *entry.args, **entry.kwargs)
-    app.stream_stack = stream_stack
+    # Streams (long-lived, many) and aggregates (polled, mostly 304s) skip the router and
+    # exception middleware but keep the same request-id, CORS, auth and limit code.
+    app.stream_stack = _wrap(stream, middleware)
+    app.aggregate_stack = _wrap(AggregateEndpoint(state.aggregates), middleware)
     app.state.pgsse = state
     return app
 
 
+def _wrap(inner: ASGIApp, middleware: list[Middleware]) -> ASGIApp:
+    for entry in reversed(middleware):
+        inner = entry.cls(inner, *entry.args, **entry.kwargs)
+    return inner
+
+
+class AggregateEndpoint:
+    """``/aggregates/{name}`` as plain ASGI; errors map to JSON as everywhere else."""
+
+    def __init__(self, aggregates: Aggregates) -> None:
+        self.aggregates = aggregates
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["path_params"] = {"name": scope["path"][len("/aggregates/"):]}
+        request = Request(scope, receive)
+        try:
+            response = await self.aggregates.endpoint(request)
+        except PgsseError as exc:
+            response = exc.response()
+        except Exception as exc:
+            response = await server_error(request, exc)
+        await response(scope, receive, send)
+
+
 class PgsseApp(Starlette):
     stream_stack: ASGIApp | None = None
+    aggregate_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (self.stream_stack is not None and scope["type"] == "http"
                 and scope["path"] == "/events" and scope["method"] in ("GET", "HEAD")):
             scope["app"] = self
             await self.stream_stack(scope, receive, send)
+            return
+        if (self.aggregate_stack is not None and scope["type"] == "http"
+                and scope["path"].startswith("/aggregates/") and scope["method"] in ("GET", "HEAD")
+                and "/" not in scope["path"][len("/aggregates/"):]):
+            scope["app"] = self
+            await self.aggregate_stack(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 

@@ -40,6 +40,7 @@ BATCH = 2000
 SAFETY_POLL_SECONDS = 1.0
 IDLE_POLL_SECONDS = 0.1
 PRUNE_EVERY_SECONDS = 60.0
+BUSY_BATCH = 50  # rows per batch above which the sequencer polls 4x less often
 
 # Anything going wrong on a feed connection (asyncpg raises several kinds, including
 # InternalClientError when a backend is killed mid-query) means: reconnect and catch up.
@@ -276,8 +277,11 @@ class Sequencer:
             if now >= next_prune:
                 next_prune = now + PRUNE_EVERY_SECONDS
                 await self.prune(conn)
+            # Each batch has a fixed cost (its commit above all): under a heavy write load,
+            # poll less often so batches grow; under a light one stay quick for latency.
+            pause = poll * 4 if moved >= BUSY_BATCH else poll
             if mode == "poll":
-                await self._sleep(stop, poll)
+                await self._sleep(stop, pause)
                 continue
             if mode == "auto":
                 idle = idle_since is not None and now - idle_since >= 0.05
@@ -289,7 +293,7 @@ class Sequencer:
                     await conn.execute("UPDATE realtime.sequencer SET wake_writers = false")
                     writers_wake = False
                 if not writers_wake:
-                    await self._sleep(stop, poll)
+                    await self._sleep(stop, pause)
                     continue
             # Writers wake us: wait for a NOTIFY, with a short safety poll.
             self._wake.clear()
