@@ -139,8 +139,10 @@ async def readyz(request: Request) -> Response:
         checks["feed"] = f"behind ({listener.cursor} of {listener.head})"
     else:
         checks["feed"] = "ok"
+    checks["aggregates"] = "ok" if state.aggregates.ready else "loading"
     checks["draining"] = state.hub.draining
-    ok = checks["database"] == "ok" and checks["feed"] == "ok" and not state.hub.draining
+    ok = (checks["database"] == "ok" and checks["feed"] == "ok"
+          and checks["aggregates"] == "ok" and not state.hub.draining)
     body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
     if not state.auth.enabled:
         body["warnings"] = ["auth_disabled"]
