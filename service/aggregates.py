@@ -97,6 +97,7 @@ class Aggregates:
         self.cache: OrderedDict[tuple[Any, ...], tuple[str, bytes, bytes | None]] = OrderedDict()
         self.cache_bytes = 0
         self.inflight: dict[tuple[Any, ...], asyncio.Future[tuple[str, bytes]]] = {}
+        self.etags: dict[tuple[Any, ...], tuple[tuple[int, ...], int, str]] = {}
         self.hits = self.misses = self.queries = 0
         self.state: State | None = None
         self.ready = False
@@ -249,13 +250,15 @@ class Aggregates:
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         values, fields, paging = self._params(request, aggregate, principal.claims,
                                               state.auth.enabled)
-        claims = json.dumps(principal.claims, sort_keys=True, default=str)
+        claims = json.dumps(principal.claims, sort_keys=True, default=str) if principal.claims else "{}"
         # With auth on, the caller's claims are part of the key: row-level security may
         # read them even where the SQL does not, and one tenant's rows must never reach
         # another. Token timestamps are left out so a refreshed token still hits.
-        scope = {k: v for k, v in principal.claims.items() if k not in VOLATILE_CLAIMS}
-        key = (aggregate.name, tuple(values), fields, paging,
-               json.dumps(scope, sort_keys=True, default=str) if state.auth.enabled else None)
+        tenant = None
+        if state.auth.enabled:
+            scope = {k: v for k, v in principal.claims.items() if k not in VOLATILE_CLAIMS}
+            tenant = json.dumps(scope, sort_keys=True, default=str)
+        key = (aggregate.name, tuple(values), fields, paging, tenant)
         headers = {"Cache-Control": self._cache_control(aggregate, state.auth.enabled),
                    "Vary": "Accept-Encoding" + (", Authorization, Cookie" if state.auth.enabled else "")}
         etag = None if aggregate.unwatched else self._etag(aggregate, key)
@@ -294,11 +297,19 @@ class Aggregates:
         return value
 
     def _etag(self, aggregate: Aggregate, key: tuple[Any, ...]) -> str:
-        versions = [(t, self.versions.get(t, 0)) for t in aggregate.tables]
+        versions = tuple(self.versions.get(t, 0) for t in aggregate.tables)
         ttl = aggregate.spec.ttl
         bucket = int(time.time() // ttl) if ttl else 0
-        raw = json.dumps([key, versions, bucket], default=str, separators=(",", ":"))
-        return 'W/"' + hashlib.sha256(raw.encode()).hexdigest()[:32] + '"'
+        known = self.etags.get(key)
+        if known is not None and known[0] == versions and known[1] == bucket:
+            return known[2]  # the 304 path: no hashing while nothing changed
+        raw = json.dumps([key, list(zip(aggregate.tables, versions, strict=True)), bucket],
+                         default=str, separators=(",", ":"))
+        etag = 'W/"' + hashlib.sha256(raw.encode()).hexdigest()[:32] + '"'
+        if len(self.etags) > 100_000:
+            self.etags.clear()
+        self.etags[key] = (versions, bucket, etag)
+        return etag
 
     def _params(self, request: Request, aggregate: Aggregate, claims: dict[str, Any],
                 auth: bool) -> tuple[list[Any], tuple[str, ...], tuple[int, int] | None]:
