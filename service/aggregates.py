@@ -98,6 +98,7 @@ class Aggregates:
         self.cache_bytes = 0
         self.inflight: dict[tuple[Any, ...], asyncio.Future[tuple[str, bytes]]] = {}
         self.etags: dict[tuple[Any, ...], tuple[tuple[int, ...], int, str]] = {}
+        self.counters: dict[tuple[str, str], Any] = {}
         self.hits = self.misses = self.queries = 0
         self.state: State | None = None
         self.ready = False
@@ -265,7 +266,7 @@ class Aggregates:
         given = request.headers.get("if-none-match")
         if etag is not None and given is not None and if_none_match(given, etag):
             self.hits += 1
-            metrics.AGGREGATE_REQUESTS.labels(aggregate.name, "304").inc()
+            self._count(aggregate.name, "304")
             return Response(status_code=304, headers={**headers, "ETag": etag})
         entry = self.cache.get(key) if etag is not None else None
         if entry is not None and entry[0] == etag:
@@ -276,9 +277,9 @@ class Aggregates:
             self.misses += 1
             etag, body = await self._single_flight(key, aggregate, values, fields, paging, claims, etag)
             if given is not None and if_none_match(given, etag):
-                metrics.AGGREGATE_REQUESTS.labels(aggregate.name, "304").inc()
+                self._count(aggregate.name, "304")
                 return Response(status_code=304, headers={**headers, "ETag": etag})
-        metrics.AGGREGATE_REQUESTS.labels(aggregate.name, "200").inc()
+        self._count(aggregate.name, "200")
         headers["ETag"] = etag
         if "gzip" in request.headers.get("accept-encoding", "") and len(body) >= GZIP_MIN:
             body = gzip.compress(body, compresslevel=5)
@@ -287,6 +288,12 @@ class Aggregates:
             headers["Content-Length"] = str(len(body))
             return Response(status_code=200, headers=headers, media_type="application/json")
         return Response(body, headers=headers, media_type="application/json")
+
+    def _count(self, name: str, outcome: str) -> None:
+        counter = self.counters.get((name, outcome))
+        if counter is None:
+            counter = self.counters[(name, outcome)] = metrics.AGGREGATE_REQUESTS.labels(name, outcome)
+        counter.inc()
 
     @staticmethod
     def _cache_control(aggregate: Aggregate, auth: bool) -> str:

@@ -1,0 +1,1 @@
+"""``make bench``: load client, baseline app and scenarios (see ``bench/__main__.py``)."""
