@@ -61,25 +61,19 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
         request_id = given if _REQUEST_ID.fullmatch(given) else f"{_PREFIX}{next(_COUNTER):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         route = route_template(self.routes, scope)
         started = time.perf_counter()
-        query = scope.get("query_string", b"")
-        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
-        if len(query) > MAX_QUERY_BYTES or header_bytes > MAX_HEADER_BYTES:
+        app = self.app
+        if (len(scope.get("query_string", b"")) > MAX_QUERY_BYTES
+                or sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES):
             metrics.REJECTED.labels("request_size").inc()
-            error = BadRequest("query string or headers too large", code="request_too_large")
-            await self._respond(error.response(), scope, receive, send, request_id, route, started)
-            return
-        await self._respond(self.app, scope, receive, send, request_id, route, started)
-
-    async def _respond(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send,
-                       request_id: str, route: str, started: float) -> None:
+            app = BadRequest("query string or headers too large", code="request_too_large").response()
         rid = request_id.encode()
 
+        # One frame for the whole request (a stream keeps it for hours: keep it small).
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
@@ -91,17 +85,17 @@ class RequestContext:
                 elapsed = time.perf_counter() - started
                 metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
                 metrics.HTTP_DURATION.labels(route).observe(elapsed)
-                path = scope["path"]
-                query = scope.get("query_string", b"").decode("latin-1")
-                client = scope.get("client")
-                log.info(
-                    "%s %s %d", scope["method"], route, status,
-                    extra={"event": "http_request", "request_id": request_id, "route": route,
-                           "method": scope["method"], "status": status,
-                           "path": path, "query": redact(query) if query else "",
-                           "client": client[0] if client else None,
-                           "duration_ms": round(elapsed * 1000, 2)},
-                )
+                if log.isEnabledFor(logging.INFO):
+                    query = scope.get("query_string", b"").decode("latin-1")
+                    client = scope.get("client")
+                    log.info(
+                        "%s %s %d", scope["method"], route, status,
+                        extra={"event": "http_request", "request_id": request_id, "route": route,
+                               "method": scope["method"], "status": status,
+                               "path": scope["path"], "query": redact(query) if query else "",
+                               "client": client[0] if client else None,
+                               "duration_ms": round(elapsed * 1000, 2)},
+                    )
             await send(message)
 
         await app(scope, receive, send_wrapper)
