@@ -8,6 +8,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -50,6 +51,19 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
     return "unmatched"
 
 
+_METRICS: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def _route_metrics(route: str, method: str, status: int) -> tuple[Any, Any]:
+    """The metric children for one route/method/status, bound once (``labels`` is costly)."""
+    key = (route, method, status)
+    found = _METRICS.get(key)
+    if found is None:
+        found = _METRICS[key] = (metrics.HTTP_REQUESTS.labels(route, method, str(status)),
+                                 metrics.HTTP_DURATION.labels(route))
+    return found
+
+
 class RequestContext:
     """Takes or makes ``X-Request-ID``, echoes it, logs one line, counts by route template."""
 
@@ -83,8 +97,9 @@ class RequestContext:
                     extra.append(HTML_CSP)
                 message["headers"] = [*message.get("headers", []), *extra]
                 elapsed = time.perf_counter() - started
-                metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
-                metrics.HTTP_DURATION.labels(route).observe(elapsed)
+                count, duration = _route_metrics(route, scope["method"], status)
+                count.inc()
+                duration.observe(elapsed)
                 if log.isEnabledFor(logging.INFO):
                     query = scope.get("query_string", b"").decode("latin-1")
                     client = scope.get("client")
