@@ -230,3 +230,19 @@ def test_security_headers_and_no_secrets_in_logs(secured: Any) -> None:
     assert response.headers["x-frame-options"] == "DENY"
     time.sleep(0.3)
     assert secret not in secured.logs()
+
+
+def test_aggregate_rate_limit_and_request_size_limits(start_server: Start) -> None:
+    server = start_server({"DEMO": "1", "DEMO_RATE": "0.0001", "AGGREGATE_RATE_PER_SECOND": "5"})
+    codes = [httpx.get(server.url + "/aggregates/orders_by_status").status_code for _ in range(30)]
+    assert codes[0] == 200 and 429 in codes
+    limited = next(r for r in (httpx.get(server.url + "/aggregates/orders_by_status") for _ in range(5))
+                   if r.status_code == 429)
+    assert limited.headers["retry-after"] and limited.json()["error"]["code"] == "too_many_requests"
+    long_query = httpx.get(server.url + "/events", params={"topic": "a" * 9000})
+    assert long_query.status_code == 400 and long_query.json()["error"]["code"] == "request_too_large"
+    many = httpx.get(server.url + "/events", params=[("topic", f"t{i}") for i in range(33)])
+    assert many.status_code == 400 and many.json()["error"]["code"] == "too_many_topics"
+    text = httpx.get(server.url + "/metrics").text
+    for limit in ("aggregate_rate", "request_size"):
+        assert f'pgsse_rejected_requests_total{{limit="{limit}"}}' in text
