@@ -53,6 +53,18 @@ async def agg_dir(conn: asyncpg.Connection, tmp_path: Path) -> Path:
     return directory
 
 
+async def settled(conn: asyncpg.Connection, *servers: Any) -> None:
+    """Wait until every committed change is numbered and every server has fanned it out
+    (rows written before a server starts are numbered once its sequencer runs)."""
+    for _ in range(200):
+        pending = await conn.fetchval("SELECT count(*) FROM realtime.inbox")
+        head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+        if pending == 0 and all(httpx.get(s.url + "/stats").json()["position"] >= head for s in servers):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("changes were not fanned out")
+
+
 def queries(server: Any, name: str) -> float:
     text = httpx.get(server.url + "/metrics").text
     prefix = f'pgsse_aggregate_query_duration_seconds_count{{aggregate="{name}"}}'
@@ -70,6 +82,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 async def test_etag_304_from_memory_and_changes_only_with_the_data(
         start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
     server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    await settled(conn, server)
     one = server.url + "/aggregates/sales?shop=s1"
     first = httpx.get(one)
     assert first.status_code == 200
@@ -104,9 +117,11 @@ async def test_etag_304_from_memory_and_changes_only_with_the_data(
     assert changed.json()["meta"]["position"] > body["meta"]["position"]
 
 
-async def test_two_replicas_give_the_same_etag(start_server: Start, agg_dir: Path) -> None:
+async def test_two_replicas_give_the_same_etag(start_server: Start, conn: asyncpg.Connection,
+                                               agg_dir: Path) -> None:
     env = {"AGGREGATES_DIR": str(agg_dir)}
     a, b = start_server(env), start_server(env)
+    await settled(conn, a, b)
     url = "/aggregates/sales?shop=s2"
     assert httpx.get(a.url + url).headers["etag"] == httpx.get(b.url + url).headers["etag"]
 
@@ -117,7 +132,7 @@ async def test_single_flight_after_a_change(start_server: Start, conn: asyncpg.C
     url = server.url + "/aggregates/sales?shop=s0"
     httpx.get(url)
     await conn.execute("INSERT INTO sales (shop, total) VALUES ('s0', 5)")
-    await asyncio.sleep(0.5)
+    await settled(conn, server)
     before = queries(server, "sales")
     limits = httpx.Limits(max_connections=200)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -178,6 +193,7 @@ async def test_paging_fields_gzip_head_and_listing(start_server: Start, agg_dir:
 async def test_unwatched_table_etag_from_result_never_stale(
         start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
     server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    await settled(conn, server)
     url = server.url + "/aggregates/stock"
     first = httpx.get(url)
     assert first.json()["data"] == [{"qty": 5}]
@@ -190,6 +206,7 @@ async def test_unwatched_table_etag_from_result_never_stale(
 async def test_invalidation_events_live_and_on_resume(
         start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> None:
     server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    await settled(conn, server)
     snapshot = httpx.get(server.url + "/aggregates/sales?shop=s1").json()
     task = asyncio.create_task(read_sse(server.url + "/events",
                                         params=[("topic", "aggregates/sales"), ("topic", "aggregates/paged")],
