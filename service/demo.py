@@ -50,6 +50,11 @@ class Writer:
         conn: asyncpg.Connection | None = None
         while not stop.is_set():
             try:
+                await asyncio.wait_for(stop.wait(), timeout=random.expovariate(self.rate))
+                break
+            except TimeoutError:
+                pass
+            try:
                 if conn is None or conn.is_closed():
                     conn = await asyncpg.connect(self.url, timeout=5)
                 await self.step(conn)
@@ -57,10 +62,6 @@ class Writer:
                 log.warning("demo writer error", extra={"event": "demo_writer_error", "error": repr(exc)})
                 conn = None
                 await asyncio.sleep(1)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=random.expovariate(self.rate))
-            except TimeoutError:
-                pass
         if conn is not None:
             await conn.close()
         log.info("demo writer stopped", extra={"event": "demo_writer_stopped"})
