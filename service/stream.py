@@ -58,6 +58,7 @@ def parse_topics(request: Request) -> tuple[str, ...]:
     if not topics:
         raise BadRequest("at least one ?topic= is required", code="invalid_topic", param="topic")
     if len(topics) > MAX_TOPICS:
+        metrics.REJECTED.labels("topics_per_stream").inc()
         raise BadRequest(f"at most {MAX_TOPICS} topics per stream", code="too_many_topics",
                          param="topic")
     for topic in topics:

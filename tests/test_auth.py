@@ -246,3 +246,18 @@ def test_aggregate_rate_limit_and_request_size_limits(start_server: Start) -> No
     text = httpx.get(server.url + "/metrics").text
     for limit in ("aggregate_rate", "request_size"):
         assert f'pgsse_rejected_requests_total{{limit="{limit}"}}' in text
+
+
+def test_audience_and_issuer_are_checked_when_configured(start_server: Start) -> None:
+    server = start_server({"AUTH_SECRET": KEYS, "AUTH_AUDIENCE": "dash", "AUTH_ISSUER": "shop"})
+
+    def code(**claims: Any) -> int:
+        return httpx.get(server.url + "/stats", timeout=5,
+                         headers={"Authorization": f"Bearer {token(['*'], **claims)}"}).status_code
+
+    assert code(aud="dash", iss="shop") == 200
+    assert code(aud="other", iss="shop") == 401
+    assert code(aud="dash", iss="other") == 401
+    assert code() == 401
+    httpx.get(server.url + "/events", params=[("topic", f"t{i}") for i in range(33)])
+    assert 'pgsse_rejected_requests_total{limit="topics_per_stream"}' in httpx.get(server.url + "/metrics").text
