@@ -164,7 +164,7 @@ async def setup_database(uri: str) -> str:
     url = infra.with_database(uri, name)
     env = dict(os.environ, DATABASE_URL=url)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "service", "migrate", cwd=infra.ROOT, env=env,
+        sys.executable, "-m", "pgsse", "migrate", cwd=infra.ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output, _ = await asyncio.wait_for(proc.communicate(), 120)
     if proc.returncode != 0:

@@ -324,7 +324,7 @@ def pgsse_server(name: str, url: str, port: int, **extra: str) -> Server:
         "HEARTBEAT_SECONDS": "600", "SHUTDOWN_GRACE_SECONDS": "5", "DEMO": "0",
     })
     env.update(extra)
-    return Server(name, [sys.executable, "-m", "service", "serve"], env, port, "/readyz")
+    return Server(name, [sys.executable, "-m", "pgsse", "serve"], env, port, "/readyz")
 
 
 def baseline_server(name: str, url: str, port: int) -> Server:

@@ -1,4 +1,4 @@
-"""``pgsse serve | migrate | demo | token | db`` (also ``python -m service …``)."""
+"""``pgsse serve | migrate | demo | token | db`` (also ``python -m pgsse …``)."""
 
 from __future__ import annotations
 

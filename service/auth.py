@@ -21,6 +21,8 @@ from .settings import Settings
 from .topics import covers
 
 MAX_TOKEN_BYTES = 8192
+# Far enough to mean "never" (year 5138), small enough to be a float.
+MAX_EXPIRES_AT = 10**11
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,14 @@ class Authenticator:
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise Unauthorized("invalid token: claim 'topics' must be an array of strings",
                                code="invalid_token")
-        exp = claims.get("exp")
+        exp = claims["exp"]
+        # PyJWT also takes a numeric string ("1700000000"): the stream's end depends on
+        # ``exp``, so it must be the JSON number RFC 7519 asks for.
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise Unauthorized("invalid token: claim 'exp' must be a number", code="invalid_token")
         sub = claims.get("sub")
         return Principal(grants=tuple(topics), claims=claims,
-                         expires_at=float(exp) if isinstance(exp, int | float) else None,
+                         expires_at=float(min(exp, MAX_EXPIRES_AT)),
                          subject=str(sub) if sub is not None else None)
 
 

@@ -7,6 +7,8 @@ import time
 from . import metrics
 from .errors import TooManyRequests
 
+MAX_TRACKED_CLIENTS = 100_000
+
 
 class Limits:
     def __init__(self, streams_per_client: int, requests_per_second: float) -> None:
@@ -42,5 +44,14 @@ class Limits:
             metrics.REJECTED.labels("aggregate_rate").inc()
             raise TooManyRequests("too many aggregate requests", retry_after=1)
         self._buckets[client] = (tokens - 1.0, now)
-        if len(self._buckets) > 100_000:
-            self._buckets.clear()
+        if len(self._buckets) > MAX_TRACKED_CLIENTS:
+            self._forget_idle(now)
+
+    def _forget_idle(self, now: float) -> None:
+        """Drop buckets that have refilled (forgetting them changes nothing); clearing them
+        all instead would let a caller with many addresses reset everyone's limit."""
+        refilled = now - self.burst / self.rate
+        self._buckets = {client: bucket for client, bucket in self._buckets.items()
+                         if bucket[1] > refilled}
+        if len(self._buckets) > MAX_TRACKED_CLIENTS:
+            self._buckets.clear()  # a flood of distinct active clients: memory stays bounded

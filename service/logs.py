@@ -61,13 +61,12 @@ class DropAbandonedStreams(logging.Filter):
 
 def config(level: str = "info", fmt: str = "json") -> dict[str, Any]:
     formatter = "pgsse.logs.JsonFormatter" if fmt == "json" else "pgsse.logs.TextFormatter"
-    formatter = formatter.replace("pgsse.", "service.")
     handler = {"class": "logging.StreamHandler", "formatter": "main", "stream": "ext://sys.stderr"}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"main": {"()": formatter}},
-        "filters": {"abandoned": {"()": "service.logs.DropAbandonedStreams"}},
+        "filters": {"abandoned": {"()": "pgsse.logs.DropAbandonedStreams"}},
         "handlers": {"main": {**handler, "filters": ["abandoned"]}},
         "loggers": {
             "pgsse": {"handlers": ["main"], "level": level.upper(), "propagate": False},

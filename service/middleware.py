@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote_plus
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -36,6 +37,22 @@ SECURITY_HEADERS = [
 HTML_CSP = (b"content-security-policy",
             b"default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
             b"connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")
+
+
+def loggable_query(query: str) -> str:
+    """The query string with every ``access_token`` value redacted, however its name is
+    spelled on the wire (``access%5Ftoken`` reaches the app as ``access_token`` too)."""
+    if not query:
+        return ""
+    if "%" not in query and "+" not in query:
+        return redact(query)
+    pairs = []
+    for pair in query.split("&"):
+        name, sep, _ = pair.partition("=")
+        if sep and unquote_plus(name).strip().lower() == "access_token":
+            pair = f"{name}=[redacted]"
+        pairs.append(pair)
+    return "&".join(pairs)
 
 
 def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
@@ -107,7 +124,7 @@ class RequestContext:
                         "%s %s %d", scope["method"], route, status,
                         extra={"event": "http_request", "request_id": request_id, "route": route,
                                "method": scope["method"], "status": status,
-                               "path": scope["path"], "query": redact(query) if query else "",
+                               "path": scope["path"], "query": loggable_query(query),
                                "client": client[0] if client else None,
                                "duration_ms": round(elapsed * 1000, 2)},
                     )

@@ -10,13 +10,14 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-ROOT = Path(__file__).resolve().parent.parent
-SQL_DIR = ROOT / "sql"
+# The SQL ships inside the package (``pgsse.sql``), in a wheel and in a checkout alike.
+SQL_DIR = Path(str(resources.files("pgsse.sql")))
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -118,7 +119,7 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     retry_ms: int = 2000
     replay_memory_bytes: int = 8 << 20
-    data_dir: Path = field(default_factory=lambda: ROOT / ".data")
+    data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
 
     @property
     def auth_enabled(self) -> bool:

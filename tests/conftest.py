@@ -13,8 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pgsse import db
 
-from service import db
 from tests.support import ROOT, ServerProcess
 
 TEMPLATE = "pgsse_template"

@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m service serve`` in a subprocess, with its logs in a file."""
+    """``python -m pgsse serve`` in a subprocess, with its logs in a file."""
 
     def __init__(self, database_url: str, env: dict[str, str] | None = None,
                  log_dir: Path | None = None, port: int | None = None) -> None:
@@ -47,7 +47,7 @@ class ServerProcess:
         env.update(self.extra_env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+            [sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         if wait_ready:

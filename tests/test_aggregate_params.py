@@ -9,12 +9,11 @@ import decimal
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pgsse.caching import accepts_gzip, entity_tags, if_none_match, weak_etag
+from pgsse.errors import BadRequest, Forbidden
+from pgsse.sqlfiles import Param
+from pgsse.sqlparams import coerce, compile_sql, resolve
 from starlette.datastructures import QueryParams
-
-from service.caching import accepts_gzip, entity_tags, if_none_match, weak_etag
-from service.errors import BadRequest, Forbidden
-from service.sqlfiles import Param
-from service.sqlparams import coerce, compile_sql, resolve
 
 opaque = st.text(alphabet="abcdef0123456789", min_size=1, max_size=32).map(lambda s: f'"{s}"')
 

@@ -241,13 +241,13 @@ def test_broken_file_stops_startup_naming_file_and_line(tmp_path: Path, database
     bad.mkdir()
     (bad / "broken.sql").write_text("-- Broken.\n-- param x: integer\nSELECT :x\n")
     env = {"DATABASE_URL": database, "AGGREGATES_DIR": str(bad), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "broken.sql:2" in result.stderr and "unknown type" in result.stderr
     (bad / "broken.sql").write_text("-- Broken SQL.\nSELECT * FROM no_such_table\n")
     env["PORT"] = "0"
-    result = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "broken.sql" in result.stderr and "no_such_table" in result.stderr
 
@@ -296,7 +296,7 @@ def test_sql_errors_name_the_line_and_missing_grants_stop_startup(
            "PORT": "0"}
 
     def start() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=30)
 
     (bad / "typo.sql").write_text("-- Typo.\n-- param x: int = 1\nSELECT :x AS a,\n"

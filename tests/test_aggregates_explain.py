@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 import asyncpg
-
-from service import catalog, demo
-from service.settings import SQL_DIR
-from service.sqlfiles import parse
+from pgsse import catalog, demo
+from pgsse.settings import SQL_DIR
+from pgsse.sqlfiles import parse
 
 
 def seq_scans(node: dict[str, Any], table: str) -> list[str]:

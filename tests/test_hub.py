@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from service.hub import HEARTBEAT, Event, Hub, Subscription
-from service.topics import covers, is_valid, prefixes
+from pgsse.hub import HEARTBEAT, Event, Hub, Subscription
+from pgsse.topics import covers, is_valid, prefixes
 
 
 def event(position: int, *topics: str) -> Event:

@@ -23,7 +23,7 @@ Start = Callable[..., Any]
 def test_bad_configuration_stops_startup_naming_every_variable() -> None:
     env = {**os.environ, "PORT": "abc", "AUTH_SECRET": "", "HEARTBEAT_SECONDS": "-1",
            "HISTORY_RETENTION": "forever", "LOG_FORMAT": "xml"}
-    result = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -34,7 +34,7 @@ def test_bad_configuration_stops_startup_naming_every_variable() -> None:
 
 def test_help_on_every_command() -> None:
     for command in ("serve", "migrate", "demo", "token"):
-        result = subprocess.run([sys.executable, "-m", "service", command, "--help"], cwd=ROOT,
+        result = subprocess.run([sys.executable, "-m", "pgsse", command, "--help"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and "usage:" in result.stdout
 
