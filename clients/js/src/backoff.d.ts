@@ -1,0 +1,1 @@
+export { backoffCeiling, backoffDelay, DEFAULT_BACKOFF } from "./index.js";

@@ -1,0 +1,518 @@
+// pgsse browser client: one resumable Server-Sent Events connection per client, shared by
+// every subscription, over fetch (so it can send Authorization, see heartbeats, survive a
+// 502 and resume after an expired token). No dependencies, no build step.
+//
+//   import { createClient } from "pgsse";          // or from "https://host/client.js"
+//   const rt = createClient({ url: "https://rt.example.com", getToken });
+//   const off = rt.subscribe(["orders/7"], (e) => console.log(e.type, e.data), { types: ["orders.*"] });
+//
+// Delivery: each event with an id is delivered once, in position order; the client resumes
+// every connection with `last_event_id`, so reconnects (network, 5xx, deploys, expired
+// tokens, paused tabs) lose nothing the server still retains. When it no longer does, the
+// server sends `reset` and the app refetches its state.
+
+import { backoffCeiling, backoffDelay, DEFAULT_BACKOFF } from "./backoff.js";
+import { createParser } from "./parser.js";
+import { topicCovers, typeMatches } from "./match.js";
+
+export { backoffCeiling, backoffDelay, createParser, DEFAULT_BACKOFF, topicCovers, typeMatches };
+
+export const VERSION = "0.1.0";
+
+/** Every value `client.status` takes. */
+export const STATUSES = Object.freeze([
+  "idle", "connecting", "open", "backoff", "paused", "offline", "unauthorized", "closed",
+]);
+
+/** @param {import("./index.js").ClientOptions} [options] */
+export function createClient(options) {
+  return new PgsseClient(options);
+}
+
+const MAX_POSITION = 2n ** 63n - 1n;
+
+export class PgsseClient {
+  constructor(options = {}) {
+    const base = options.url ?? "";
+    this.url = String(base).replace(/\/+$/, "");
+    this.getToken = options.getToken || null;
+    this.credentials = options.credentials || "same-origin";
+    this.backoff = { ...DEFAULT_BACKOFF, ...(options.backoff || {}) };
+    this.heartbeatTimeoutMs = options.heartbeatTimeoutMs ?? 45000;
+    this.pauseWhenHiddenAfterMs = options.pauseWhenHiddenAfterMs ?? 60000;
+    this.debounceMs = options.debounceMs ?? 10;
+    this.degradeAfter = options.degradeAfter ?? 3;
+    this.fetchImpl = options.fetch || ((...args) => globalThis.fetch(...args));
+    this.lastEventId = options.since === undefined || options.since === null ? null : String(options.since);
+    this.status = "idle";
+    /** True after `degradeAfter` failed connections in a row: aggregate queries poll. */
+    this.degraded = false;
+    /** Counters for dashboards and tests. */
+    this.stats = { connections: 0, events: 0, failures: 0 };
+
+    this._subs = new Set();
+    this._listeners = new Map();
+    this._attempt = 0;
+    this._retryMs = 0;
+    this._conn = null;
+    this._gen = 0;
+    this._timer = null;
+    this._debounce = null;
+    this._watchdog = null;
+    this._hiddenTimer = null;
+    this._denied = new Set();
+    this._authFailures = 0;
+    this._token = undefined;
+    this._paused = false;
+    this._offline = false;
+    this._closed = false;
+    this._started = false;
+    this._cleanup = this._watchEnvironment(options);
+  }
+
+  // --- public API -------------------------------------------------------------------------
+
+  /**
+   * Receive events on `topics` (and every topic below them). Returns the unsubscribe function.
+   * @param {string | string[]} topics
+   * @param {(event: object) => void} handler
+   * @param {{types?: string[], onError?: (error: object) => void}} [options]
+   */
+  subscribe(topics, handler, options = {}) {
+    const list = (Array.isArray(topics) ? topics : [topics]).map(String);
+    if (list.length === 0) throw new TypeError("subscribe: at least one topic");
+    const sub = { topics: list, handler, types: options.types || null, onError: options.onError || null };
+    this._subs.add(sub);
+    const denied = list.filter((t) => this._denied.has(t));
+    if (denied.length) this._report([sub], { status: 403, code: "forbidden", message: "topic not granted", topics: denied });
+    this._scheduleSync();
+    let active = true;
+    return () => {
+      if (!active) return;
+      active = false;
+      this._subs.delete(sub);
+      this._scheduleSync();
+    };
+  }
+
+  /**
+   * Listen to `status` (status, info), `event` (every event), `reset` (event) or `error`.
+   * Returns the function that removes the listener.
+   */
+  on(name, fn) {
+    if (!this._listeners.has(name)) this._listeners.set(name, new Set());
+    this._listeners.get(name).add(fn);
+    return () => this._listeners.get(name)?.delete(fn);
+  }
+
+  /** The topics the connection carries: the union of all subscriptions, minus denied ones. */
+  get topics() {
+    const set = new Set();
+    for (const sub of this._subs) for (const t of sub.topics) if (!this._denied.has(t)) set.add(t);
+    return [...set].sort();
+  }
+
+  /**
+   * Start from `position` (e.g. an aggregate's `meta.position`) if the client has no
+   * position yet and has not connected: then nothing between that snapshot and the stream
+   * is missed.
+   */
+  seed(position) {
+    if (this.lastEventId === null && !this._started && position !== undefined && position !== null) {
+      this.lastEventId = String(position);
+    }
+  }
+
+  /** Reconnect now from the last id (e.g. after the app changed its token). */
+  reconnect() {
+    if (this._closed) return;
+    this._denied.clear();
+    this._clearTimer();
+    this._abort();
+    this._paused = false;
+    this._connect();
+  }
+
+  /** Close for good: no more connections, timers or listeners. */
+  close() {
+    if (this._closed) return;
+    this._closed = true;
+    this._clearTimer();
+    clearTimeout(this._debounce);
+    clearTimeout(this._hiddenTimer);
+    this._abort();
+    this._cleanup();
+    this._setStatus("closed");
+  }
+
+  /**
+   * fetch() a path of the service with the client's credentials (Authorization from
+   * getToken, `credentials`); a 401 is retried once with a fresh token.
+   */
+  async request(path, init = {}) {
+    const url = /^https?:/.test(path) ? path : this.url + path;
+    for (let tries = 0; ; tries++) {
+      const headers = new Headers(init.headers || {});
+      const token = this.getToken ? await this.getToken() : null;
+      if (token) headers.set("Authorization", "Bearer " + token);
+      const res = await this.fetchImpl(url, { credentials: this.credentials, ...init, headers });
+      if (res.status !== 401 || tries > 0 || !this.getToken) return res;
+    }
+  }
+
+  // --- connection -------------------------------------------------------------------------
+
+  _scheduleSync() {
+    if (this._debounce !== null || this._closed) return;
+    this._debounce = setTimeout(() => {
+      this._debounce = null;
+      this._sync();
+    }, this.debounceMs);
+  }
+
+  _sync() {
+    if (this._closed) return;
+    const topics = this.topics;
+    if (topics.length === 0) {
+      this._clearTimer();
+      this._abort();
+      this._setStatus("idle");
+      return;
+    }
+    if (this._paused || this._offline || this._timer !== null) return;
+    if (this._conn && this._conn.key === topics.join("\n")) return;
+    this._abort();
+    this._connect();
+  }
+
+  async _connect() {
+    this._clearTimer();
+    this._abort();
+    if (this._closed || this._paused || this._offline) return;
+    const gen = ++this._gen;
+    const controller = new AbortController();
+    const conn = { gen, controller, key: "", delivered: false, authExpired: false };
+    this._conn = conn;
+    this._started = true;
+    this._setStatus("connecting");
+    let token = null;
+    if (this.getToken) {
+      try {
+        token = await this.getToken();
+      } catch (error) {
+        if (gen === this._gen) this._fail({ status: "unauthorized", error });
+        return;
+      }
+      if (gen !== this._gen) return;
+      if (token !== this._token) this._denied.clear();
+      this._token = token;
+    }
+    const topics = this.topics;
+    if (topics.length === 0) {
+      this._conn = null;
+      this._setStatus(this._subs.size ? "unauthorized" : "idle");
+      return;
+    }
+    conn.key = topics.join("\n");
+    conn.topics = topics;
+    const query = topics.map((t) => "topic=" + encodeURIComponent(t));
+    query.push("envelope=1");
+    if (this.lastEventId !== null) query.push("last_event_id=" + encodeURIComponent(this.lastEventId));
+    const headers = { Accept: "text/event-stream" };
+    if (token) headers.Authorization = "Bearer " + token;
+    this._armWatchdog(conn);
+    let res;
+    try {
+      res = await this.fetchImpl(this.url + "/events?" + query.join("&"), {
+        headers, credentials: this.credentials, signal: controller.signal, cache: "no-store",
+      });
+    } catch (error) {
+      if (gen === this._gen) this._fail({ error });
+      return;
+    }
+    if (gen !== this._gen) return discard(res);
+    const type = (res.headers.get("content-type") || "").split(";")[0].trim().toLowerCase();
+    if (res.status === 200 && type === "text/event-stream" && res.body) {
+      await this._read(conn, res);
+      return;
+    }
+    clearTimeout(this._watchdog);
+    const body = await readError(res);
+    if (gen !== this._gen) return;
+    const error = { status: res.status, code: body?.error?.code, message: body?.error?.message || `HTTP ${res.status}` };
+    if (res.status === 401) {
+      this._authFailures += 1;
+      this._emit("error", error);
+      // The first 401 fetches a fresh token at once; more in a row back off, unauthorized.
+      if (this._authFailures === 1 && this.getToken) {
+        this._conn = null;
+        queueMicrotask(() => this._connect());
+      } else {
+        this._fail({ status: "unauthorized", error });
+      }
+      return;
+    }
+    if (res.status === 403) {
+      const named = Array.isArray(body?.error?.topics) ? body.error.topics.filter((t) => topics.includes(t)) : [];
+      const denied = named.length ? named : topics;
+      for (const t of denied) this._denied.add(t);
+      const hit = [...this._subs].filter((s) => s.topics.some((t) => denied.includes(t)));
+      this._report(hit, { ...error, topics: denied });
+      this._emit("error", { ...error, topics: denied });
+      this._conn = null;
+      if (this.topics.length) queueMicrotask(() => this._connect());
+      else this._setStatus("unauthorized", { error });
+      return;
+    }
+    const floor = res.status === 429 || res.status === 503 ? retryAfterMs(res.headers.get("retry-after")) : 0;
+    this._fail({ error: type !== "text/event-stream" && res.status === 200 ? { ...error, message: "not an event stream: " + type } : error, floorMs: floor });
+  }
+
+  async _read(conn, res) {
+    this.stats.connections += 1;
+    this._authFailures = 0;
+    this._setStatus("open");
+    const parser = createParser({
+      onEvent: (frame) => this._onFrame(conn, frame),
+      onRetry: (ms) => { this._retryMs = ms; },
+      onComment: () => this._delivered(conn),
+    });
+    const decoder = new TextDecoder();
+    const reader = res.body.getReader();
+    try {
+      for (;;) {
+        const { done, value } = await reader.read();
+        if (conn.gen !== this._gen) return;
+        if (done) break;
+        this._armWatchdog(conn);
+        parser.feed(decoder.decode(value, { stream: true }));
+        if (conn.gen !== this._gen) return;
+      }
+    } catch (error) {
+      if (conn.gen === this._gen) this._fail({ error });
+      return;
+    } finally {
+      reader.releaseLock?.();
+    }
+    if (conn.gen !== this._gen) return;
+    // The server ended the stream (STREAM_MAX_SECONDS, shutdown, a proxy): resume after its
+    // retry:, with a backoff step only if the stream delivered nothing.
+    this._fail({ error: { message: "stream ended" } });
+  }
+
+  _onFrame(conn, frame) {
+    this._delivered(conn);
+    const type = frame.event || "message";
+    let payload;
+    try {
+      payload = JSON.parse(frame.data);
+    } catch {
+      payload = frame.data;
+    }
+    let topic = null;
+    let data = payload;
+    if (isEnvelope(payload)) {
+      topic = payload.topic;
+      data = payload.data;
+    } else if (payload && typeof payload === "object") {
+      // A server without envelope=1: the topic of a change or an invalidation is in its data.
+      if (typeof payload.topic === "string") topic = payload.topic;
+      else if (type === "aggregate.invalidated" && typeof payload.aggregate === "string") topic = "aggregates/" + payload.aggregate;
+    }
+    const id = frame.id === undefined || frame.id === "" ? null : frame.id;
+    if (id !== null) {
+      if (type !== "reset" && this.lastEventId !== null && isPosition(id) && isPosition(this.lastEventId)
+          && BigInt(id) <= BigInt(this.lastEventId)) {
+        return; // already delivered (a proxy or a replica replayed it): exactly once
+      }
+      this.lastEventId = id;
+    }
+    const event = { id, type, topic, data };
+    if (type === "auth_expired") {
+      // Fetch a fresh token and resume from the last id, at once.
+      conn.authExpired = true;
+      this._emit("error", { status: 401, code: "auth_expired", message: "token expired" });
+      this._abort();
+      queueMicrotask(() => this._connect());
+      return;
+    }
+    this.stats.events += 1;
+    this._emit("event", event);
+    if (type === "reset") this._emit("reset", event);
+    for (const sub of [...this._subs]) {
+      if (!this._subs.has(sub)) continue;
+      if (type !== "reset") {
+        if (topic !== null && !sub.topics.some((t) => topicCovers(t, topic))) continue;
+        if (sub.types && !sub.types.some((p) => typeMatches(p, type))) continue;
+      }
+      safely(sub.handler, event);
+    }
+  }
+
+  _delivered(conn) {
+    if (conn.delivered || conn.gen !== this._gen) return;
+    conn.delivered = true;
+    this._attempt = 0;
+    if (this.degraded) {
+      this.degraded = false;
+      this._setStatus("open", {}, true);
+    }
+  }
+
+  _fail({ status = "backoff", error = null, floorMs = 0 }) {
+    this._abort();
+    this.stats.failures += 1;
+    const attempt = this._attempt;
+    this._attempt += 1;
+    if (this._attempt >= this.degradeAfter) this.degraded = true;
+    const delayMs = backoffDelay(attempt, Math.max(this._retryMs, floorMs), this.backoff);
+    this._clearTimer();
+    this._timer = setTimeout(() => {
+      this._timer = null;
+      this._connect();
+    }, delayMs);
+    this._setStatus(status, { attempt: this._attempt, delayMs, error });
+  }
+
+  _armWatchdog(conn) {
+    clearTimeout(this._watchdog);
+    if (!(this.heartbeatTimeoutMs > 0) || !Number.isFinite(this.heartbeatTimeoutMs)) return;
+    this._watchdog = setTimeout(() => {
+      if (conn.gen === this._gen) this._fail({ error: { message: `no bytes for ${this.heartbeatTimeoutMs} ms` } });
+    }, this.heartbeatTimeoutMs);
+  }
+
+  _abort() {
+    clearTimeout(this._watchdog);
+    this._watchdog = null;
+    if (this._conn) {
+      this._conn.controller.abort();
+      this._conn = null;
+    }
+    this._gen += 1;
+  }
+
+  _clearTimer() {
+    if (this._timer !== null) clearTimeout(this._timer);
+    this._timer = null;
+  }
+
+  _setStatus(status, info = {}, force = false) {
+    if (status === this.status && !force && status !== "backoff" && status !== "unauthorized") return;
+    this.status = status;
+    this._emit("status", status, { degraded: this.degraded, ...info });
+  }
+
+  _emit(name, ...args) {
+    const set = this._listeners.get(name);
+    if (!set) return;
+    for (const fn of [...set]) safely(fn, ...args);
+  }
+
+  _report(subs, error) {
+    for (const sub of subs) if (sub.onError) safely(sub.onError, error);
+  }
+
+  // --- page lifecycle: offline/online, hidden tabs ----------------------------------------
+
+  _watchEnvironment(options) {
+    const win = options.window ?? (typeof window !== "undefined" ? window : null);
+    const doc = options.document ?? (typeof document !== "undefined" ? document : null);
+    const removers = [];
+    const listen = (target, name, fn) => {
+      if (!target || typeof target.addEventListener !== "function") return;
+      target.addEventListener(name, fn);
+      removers.push(() => target.removeEventListener(name, fn));
+    };
+    const nav = options.navigator ?? (typeof navigator !== "undefined" ? navigator : null);
+    if (nav && nav.onLine === false) this._offline = true;
+    listen(win, "offline", () => {
+      this._offline = true;
+      this._clearTimer();
+      this._abort();
+      this._setStatus("offline");
+    });
+    listen(win, "online", () => {
+      if (!this._offline) return;
+      this._offline = false;
+      this._attempt = 0;
+      this._resume();
+    });
+    const hideAfter = this.pauseWhenHiddenAfterMs;
+    if (doc && hideAfter !== null && hideAfter !== false && Number.isFinite(hideAfter)) {
+      const onVisibility = () => {
+        if (doc.visibilityState === "hidden" || doc.hidden === true) {
+          clearTimeout(this._hiddenTimer);
+          this._hiddenTimer = setTimeout(() => {
+            if (this._closed) return;
+            this._paused = true;
+            this._clearTimer();
+            this._abort();
+            this._setStatus("paused");
+          }, hideAfter);
+        } else {
+          clearTimeout(this._hiddenTimer);
+          this._hiddenTimer = null;
+          if (this._paused) {
+            this._paused = false;
+            this._resume();
+          }
+        }
+      };
+      listen(doc, "visibilitychange", onVisibility);
+    }
+    if (this._offline) this.status = "offline";
+    return () => removers.forEach((remove) => remove());
+  }
+
+  _resume() {
+    if (this._closed || this._paused || this._offline) return;
+    if (this.topics.length === 0) return this._setStatus("idle");
+    this._connect();
+  }
+}
+
+function isEnvelope(value) {
+  if (!value || typeof value !== "object" || Array.isArray(value)) return false;
+  const keys = Object.keys(value);
+  return keys.length === 2 && "topic" in value && "data" in value
+    && (value.topic === null || typeof value.topic === "string");
+}
+
+function isPosition(id) {
+  return /^\d{1,19}$/.test(id) && BigInt(id) <= MAX_POSITION;
+}
+
+function retryAfterMs(header) {
+  if (!header) return 0;
+  const seconds = Number(header);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds * 1000);
+  const date = Date.parse(header);
+  return Number.isNaN(date) ? 0 : Math.max(0, date - Date.now());
+}
+
+async function readError(res) {
+  try {
+    const text = await res.text();
+    return text ? JSON.parse(text) : null;
+  } catch {
+    return null;
+  }
+}
+
+function discard(res) {
+  try {
+    res.body?.cancel?.();
+  } catch {
+    // nothing to release
+  }
+}
+
+function safely(fn, ...args) {
+  try {
+    fn(...args);
+  } catch (error) {
+    if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+    else setTimeout(() => { throw error; });
+  }
+}

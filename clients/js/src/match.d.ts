@@ -1,0 +1,1 @@
+export { topicCovers, typeMatches } from "./index.js";

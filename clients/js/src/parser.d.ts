@@ -1,0 +1,1 @@
+export { createParser, ParsedEvent } from "./index.js";
