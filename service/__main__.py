@@ -9,6 +9,7 @@ import json
 import sys
 from types import FrameType
 
+from . import export_cli
 from .settings import ConfigError, Settings
 
 
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--claim", action="append", default=[], help="extra claim key=value (value parsed as JSON when it can be)")
     p.add_argument("--sub", help="subject claim")
     p.set_defaults(func=token)
+    p = sub.add_parser("export", help="stream an aggregate as CSV or NDJSON from a running service")
+    export_cli.add_arguments(p)
+    p.set_defaults(func=export_cli.run)
     p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
     p.set_defaults(func=database)
     args = parser.parse_args(argv)

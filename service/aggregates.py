@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import catalog, metrics
+from . import catalog, export, metrics
 from .caching import (
     GZIP_MIN,
     Entry,
@@ -79,6 +79,7 @@ class Aggregates:
         self.hits = self.misses = self.queries = 0
         self.state: State | None = None
         self.ready = False
+        self.exporter = export.Exporter()
 
     # -- lifecycle and versions --------------------------------------------------------
 
@@ -88,6 +89,7 @@ class Aggregates:
         async with state.pool.acquire() as conn:
             for aggregate in self.items.values():
                 await catalog.inspect(conn, aggregate)
+                await self.exporter.prepare(conn, aggregate)
             watched = await catalog.watched_tables(conn)
             rows = await conn.fetch("SELECT tbl, position FROM realtime.table_versions")
         for row in rows:
@@ -178,9 +180,16 @@ class Aggregates:
         principal.require([aggregate.topic])
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         auth = state.auth.enabled
+        fmt = export.requested_format(request, aggregate.spec)
         values, fields = resolve(aggregate.spec.params, request.query_params,
                                  principal.claims if auth else None, aggregate.columns,
-                                 aggregate.spec.paged)
+                                 aggregate.spec.paged, export.QUERY_PARAMS if fmt else frozenset())
+        if fmt is not None:  # streamed from a cursor, never cached (export.py)
+            return self.exporter.response(
+                request, aggregate, fmt, values, fields,
+                json.dumps(principal.claims, default=str) if auth else "{}", state.pool,
+                state.hub.position, lambda since: self._changed_since(aggregate, since),
+                lambda outcome: self._count(aggregate.name, outcome))
         tenant = None
         if auth:  # token timestamps left out: a refreshed token still hits the cache
             tenant = json.dumps({k: v for k, v in principal.claims.items()
@@ -217,6 +226,12 @@ class Aggregates:
             headers["Content-Length"] = str(len(body))
             return Response(status_code=200, headers=headers, media_type="application/json")
         return Response(body, headers=headers, media_type="application/json")
+
+    def _changed_since(self, aggregate: Aggregate, position: int) -> str:
+        """Whether a table the aggregate reads changed after ``position`` (for resumed exports)."""
+        if aggregate.unwatched:
+            return "unknown"
+        return "true" if any(self.versions.get(t, 0) > position for t in aggregate.tables) else "false"
 
     def _count(self, name: str, outcome: str) -> None:
         counter = self.counters.get((name, outcome))

@@ -105,6 +105,21 @@ AGGREGATE_QUERY_DURATION = Histogram(
 AGGREGATE_CACHE_BYTES = Gauge(
     "pgsse_aggregate_cache_bytes", "Bytes held by the aggregate result cache.", registry=REGISTRY
 )
+EXPORTS = Counter(
+    "pgsse_export_streams", "Exports ended, by outcome (complete, failed, disconnected, rejected).",
+    ["aggregate", "outcome"], registry=REGISTRY,
+)
+EXPORT_ROWS = Counter(
+    "pgsse_export_rows", "Rows written by exports.", ["aggregate"], registry=REGISTRY
+)
+EXPORT_BYTES = Counter(
+    "pgsse_export_bytes", "Bytes of rows written by exports, before compression.",
+    ["aggregate"], registry=REGISTRY,
+)
+EXPORTS_ACTIVE = Gauge(
+    "pgsse_export_active", "Exports running now (each holds a database connection).",
+    registry=REGISTRY,
+)
 HTTP_REQUESTS = Counter(
     "pgsse_http_requests", "HTTP requests by route template, method and status.",
     ["route", "method", "status"], registry=REGISTRY,

@@ -6,6 +6,8 @@
     -- cache: public, max-age=5, stale-while-revalidate=30
     -- ttl: 60s
     -- depends: public.orders
+    -- export: order by day, store_id     (optional: a unique key; exports resume after it)
+    -- export: count                       (optional: exports send X-Total-Count first)
     SELECT … WHERE store_id = :store_id AND created_at >= :since
 
 ``:name`` becomes a typed placeholder (``$n::bigint``), never interpolated text (see
@@ -28,6 +30,9 @@ from .sqlparams import PG_TYPES, RESERVED, coerce, compile_sql
 __all__ = ["AggregateFile", "AggregateFileError", "Param", "coerce", "compile_sql", "parse"]
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+EXPORT_ORDER_RE = re.compile(
+    r"order\s+by\s+(?P<cols>[A-Za-z_][A-Za-z0-9_]*(?:\s+(?:asc|desc))?"
+    r"(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*(?:\s+(?:asc|desc))?)*)\s*", re.IGNORECASE)
 PARAM_RE = re.compile(
     r"param\s+(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*:\s*(?P<type>[a-z]+)"
     r"(?:\s*=\s*(?P<default>.*?))?(?:\s+from\s+claim\s+(?P<claim>[A-Za-z_][A-Za-z0-9_.:-]*))?\s*$"
@@ -76,6 +81,10 @@ class AggregateFile:
     sql: str          # with $n placeholders
     order: tuple[str, ...]  # parameter name for each $n
     line: int = 1     # the file's line where the SQL starts
+    # ``-- export: order by a, b desc``: (column, descending) of a unique key; and its line.
+    export_order: tuple[tuple[str, bool], ...] = ()
+    export_line: int = 0
+    export_count: bool = False  # ``-- export: count``
 
     @property
     def paged(self) -> bool:
@@ -96,6 +105,9 @@ def parse(path: Path) -> AggregateFile:
     cache = "no-cache"
     ttl: float | None = None
     depends: tuple[str, ...] | None = None
+    export_order: tuple[tuple[str, bool], ...] = ()
+    export_line = 0
+    export_count = False
     body_start = len(lines)
     for number, line in enumerate(lines, 1):
         stripped = line.strip()
@@ -122,11 +134,23 @@ def parse(path: Path) -> AggregateFile:
             depends = tuple(t.strip() for t in value.split(",") if t.strip())
             if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*", t) for t in depends):
                 raise AggregateFileError(path, number, "depends: list schema.table names")
+        elif key == "export":
+            export = value.strip()
+            if export.lower() == "count":
+                export_count = True
+            elif (match := EXPORT_ORDER_RE.fullmatch(export)) and not export_order:
+                export_order = tuple(
+                    (col.split()[0], col.split()[-1].lower() == "desc")
+                    for col in match.group("cols").split(","))
+                export_line = number
+            else:
+                raise AggregateFileError(path, number, "export: expected 'order by COLUMN [asc|desc], …'"
+                                         " (once) or 'count'")
         elif not description and not params:
             description = text
         elif re.fullmatch(r"[a-z_]+", key) and value:
             raise AggregateFileError(path, number, f"unknown header {key!r} "
-                                     "(param, cache, ttl or depends)")
+                                     "(param, cache, ttl, depends or export)")
     sql = "\n".join(lines[body_start:]).strip().rstrip(";").strip()
     if not sql:
         raise AggregateFileError(path, len(lines) or 1, "no SQL after the header")
@@ -146,7 +170,7 @@ def parse(path: Path) -> AggregateFile:
         raise AggregateFileError(path, body_start + 1 + offset,
                                  f"parameter :{missing} is not declared") from exc
     return AggregateFile(name, path, description, tuple(params), cache, ttl, depends, compiled,
-                         order, body_start + 1)
+                         order, body_start + 1, export_order, export_line, export_count)
 
 
 def _param(path: Path, number: int, text: str, seen: list[Param]) -> Param:

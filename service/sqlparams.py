@@ -129,14 +129,16 @@ def claim_value(type_: str, claim: Any) -> Any:
 
 
 def resolve(params: Sequence[Any], query: QueryParams, claims: Mapping[str, Any] | None,
-            columns: Sequence[str], paged: bool) -> tuple[dict[str, Any], tuple[str, ...]]:
+            columns: Sequence[str], paged: bool, extra: frozenset[str] = frozenset(),
+            ) -> tuple[dict[str, Any], tuple[str, ...]]:
     """Declared parameters' values from the query string and the token, and the fields.
 
     ``params`` are ``sqlfiles.Param``; ``claims`` is ``None`` when auth is off (claim-bound
-    parameters are then ordinary ones). Raises ``BadRequest``/``Forbidden``."""
+    parameters are then ordinary ones); ``extra`` names more parameters the caller handles
+    itself (an export's ``format`` and ``after``). Raises ``BadRequest``/``Forbidden``."""
     declared = {p.name for p in params}
     for name in query.keys():
-        if name not in declared and name not in RESERVED:
+        if name not in declared and name not in RESERVED and name not in extra:
             raise BadRequest(f"unknown parameter {name!r}", code="unknown_parameter", param=name)
         if len(query.getlist(name)) > 1:
             raise BadRequest(f"parameter {name!r} given more than once",

@@ -1,0 +1,396 @@
+"""Streaming exports: ``GET /aggregates/{name}?format=csv|ndjson``, in constant memory.
+
+Protocol:
+- The aggregate's own query, with its typed and claim-bound parameters, runs in one
+  read-only REPEATABLE READ transaction as ``pgsse_reader`` with the caller's claims (so
+  row-level security applies), through a cursor fetched ``BATCH_ROWS`` at a time. Each
+  batch is encoded and written before the next is fetched: uvicorn's ``send`` waits while
+  the socket is full, so a slow reader slows the cursor instead of growing a buffer. Nothing
+  is cached.
+- PostgreSQL encodes the rows: NDJSON lines are ``to_jsonb(row)`` (the JSON form's
+  encoding); CSV cells are each value's JSON text (numbers and timestamps as the JSON form
+  writes them, strings unquoted), quoted per RFC 4180 when needed, NULL as an empty cell and
+  an empty string as ``""``. A cell starting with ``#`` is quoted too, so an unquoted ``#``
+  at the start of a line is never data: it marks an error (below).
+- ``-- export: order by a, b`` names a unique key. The export is then ordered by it, and
+  ``after=<key>`` (a JSON array of the key's values as a line shows them, or the bare value
+  of a one-column key) resumes just after that row. ``-- export: count`` sends
+  ``X-Total-Count`` (the rows this response carries), counted in the same snapshot first.
+- ``X-Export-Position: P``: every event at or before position P is reflected in the rows,
+  as ``meta.position`` in the JSON form. A resume may send the first export's position in
+  the same request header; the answer then carries ``X-Export-Changed: true|false``
+  (``unknown`` for an aggregate reading tables nobody watches).
+- End of body: NDJSON ends with ``{"@pgsse":"end","rows":N,"bytes":B,"position":P}``
+  (``bytes``: of the lines before it); a CSV body simply ends. An error after the first
+  byte writes a marker line (``#pgsse-export-error …`` in CSV, ``{"@pgsse":"error",…}`` in
+  NDJSON) and closes the connection without finishing the chunked body, so no client
+  mistakes a cut file for a whole one.
+- A client that goes away cancels the export at once: the cursor's transaction is rolled
+  back and the connection returned to the pool (no ``idle in transaction`` left behind).
+  ``idle_in_transaction_session_timeout`` bounds a reader that stops reading but stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Message, Receive, Scope, Send
+
+from . import metrics
+from .caching import accepts_gzip
+from .catalog import Aggregate
+from .errors import BadRequest, PgsseError, TooManyRequests, Unavailable
+from .sqlfiles import AggregateFile, AggregateFileError
+
+log = logging.getLogger("pgsse.export")
+
+FORMATS = {"csv": "text/csv; charset=utf-8; header=present", "ndjson": "application/x-ndjson"}
+ACCEPTED = {"text/csv": "csv", "application/x-ndjson": "ndjson", "application/ndjson": "ndjson",
+            "application/json": None}
+QUERY_PARAMS = frozenset({"format", "after"})
+BATCH_ROWS = 2000  # rows per FETCH: ~100 kB of lines, 500 round trips per million rows
+MAX_EXPORTS = 4  # per process: each holds a pooled connection for its whole duration
+STATEMENT_TIMEOUT = "15s"  # per FETCH, not for the whole export
+IDLE_TIMEOUT = "60s"  # a reader that stops reading for this long loses its export
+GZIP_LEVEL = 1  # exports are large and streamed: speed over the last few percent
+POSITION_HEADER = "x-export-position"
+
+
+def requested_format(request: Request, spec: AggregateFile) -> str | None:
+    """``csv``/``ndjson`` when an export is asked for (``?format=`` or ``Accept``), else None.
+
+    ``format`` is the export's parameter unless the file declares one of that name."""
+    if spec.param("format") is None and "format" in request.query_params:
+        wanted = request.query_params["format"]
+        if wanted not in FORMATS:
+            raise BadRequest(f"format must be one of {', '.join(FORMATS)}, got {wanted!r}",
+                             code="invalid_parameter", param="format")
+        return wanted
+    best: tuple[float, str | None] = (0.0, None)
+    for item in request.headers.get("accept", "").split(","):
+        media, _, params = item.partition(";")
+        media = media.strip().lower()
+        if media not in ACCEPTED:
+            continue
+        quality = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > best[0]:
+            best = (quality, ACCEPTED[media])
+    return best[1]
+
+
+def parse_after(raw: str, key: Sequence[str]) -> list[str]:
+    """``after=`` → one text per key column (cast to the column's type in SQL)."""
+    if raw.startswith("["):
+        try:
+            values = json.loads(raw)
+        except ValueError as exc:
+            raise BadRequest("after: not a JSON array", code="invalid_parameter", param="after") from exc
+    else:
+        values = [raw]
+    if (not isinstance(values, list) or len(values) != len(key)
+            or not all(isinstance(v, str | int | float) for v in values)):
+        raise BadRequest(f"after: expected the key ({', '.join(key)}) as a JSON array of "
+                         f"{len(key)} value(s), e.g. after=[...]", code="invalid_parameter",
+                         param="after")
+    if any("\x00" in v for v in values if isinstance(v, str)):
+        raise BadRequest("after: must not contain NUL", code="invalid_parameter", param="after")
+    return [v if isinstance(v, str) else json.dumps(v) for v in values]
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _csv_cell(value: str) -> str:
+    if value == "" or value[0] == "#" or any(c in value for c in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+@dataclass(frozen=True)
+class Query:
+    """The SQL of one export request and its arguments."""
+
+    sql: str
+    count_sql: str | None
+    args: list[Any]
+
+
+def build_query(aggregate: Aggregate, key_types: Sequence[str], fmt: str,
+                values: dict[str, Any], kept: Sequence[str], after: list[str] | None) -> Query:
+    """SELECT one encoded line per row of the file's query (placeholders only, no values)."""
+    spec = aggregate.spec
+    args: list[Any] = [values[name] for name in spec.order]
+
+    def bind(value: Any, cast: str) -> str:
+        args.append(value)
+        return f"(${len(args)}::{cast})"
+
+    if fmt == "ndjson":
+        dropped = [c for c in aggregate.columns if c not in kept]
+        line = f"(to_jsonb(q) - {bind(dropped, 'text[]')})::text" if dropped else "to_jsonb(q)::text"
+        source = f"FROM ({spec.sql}) q"
+    else:
+        cells = ", ".join(f"c{i}" for i in range(len(kept)))
+        quoted = [f"CASE WHEN v.c{i} IS NULL THEN '' WHEN v.c{i} = '' OR v.c{i} ~ '^#|[\",\\r\\n]'"
+                  f" THEN '\"' || replace(v.c{i}, '\"', '\"\"') || '\"' ELSE v.c{i} END"
+                  for i in range(len(kept))]
+        line = quoted[0] if len(kept) == 1 else f"concat_ws(',', {', '.join(quoted)})"
+        jsons = ", ".join(f"to_jsonb(q.{_ident(c)}) #>> '{{}}'" for c in kept)
+        source = (f"FROM ({spec.sql}) q CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
+    where = ""
+    order = ""
+    if spec.export_order:
+        columns = [f"q.{_ident(c)}" for c, _ in spec.export_order]
+        bound = [bind(v, "text") + f"::{t}" for v, t in zip(after or [], key_types, strict=False)]
+        directions = {desc for _, desc in spec.export_order}
+        if after is not None and len(directions) == 1:
+            op = "<" if spec.export_order[0][1] else ">"
+            where = f" WHERE ({', '.join(columns)}) {op} ({', '.join(bound)})"
+        elif after is not None:  # mixed directions: a > a0 OR (a = a0 AND b < b0) …
+            terms = []
+            for i, (_, desc) in enumerate(spec.export_order):
+                equal = [f"{columns[j]} = {bound[j]}" for j in range(i)]
+                terms.append("(" + " AND ".join([*equal, f"{columns[i]} {'<' if desc else '>'} {bound[i]}"]) + ")")
+            where = " WHERE " + " OR ".join(terms)
+        order = " ORDER BY " + ", ".join(
+            f"{col}{' DESC' if desc else ''}" for col, (_, desc) in zip(columns, spec.export_order, strict=True))
+    count_sql = f"SELECT count(*) FROM ({spec.sql}) q{where}" if spec.export_count else None
+    return Query(f"SELECT {line} {source}{where}{order}", count_sql, args)
+
+
+class Exporter:
+    """Checks each file's export headers at start-up, and builds export responses."""
+
+    def __init__(self) -> None:
+        self.key_types: dict[str, tuple[str, ...]] = {}
+        self.active = 0
+
+    async def prepare(self, conn: Any, aggregate: Aggregate) -> None:
+        """Check ``-- export: order by`` against the result columns; a bad one stops start-up."""
+        spec = aggregate.spec
+        if not spec.export_order:
+            return
+        missing = [c for c, _ in spec.export_order if c not in aggregate.columns]
+        if missing:
+            raise AggregateFileError(spec.path, spec.export_line,
+                                     f"export: no result column {missing[0]!r}; columns: "
+                                     f"{', '.join(aggregate.columns)}")
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('role', 'pgsse_reader', true),"
+                               " set_config('request.jwt.claims', '{}', true)")
+            probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) q LIMIT 0")
+            oids = {a.name: a.type.oid for a in probe.get_attributes()}
+            types = []
+            for column, _ in spec.export_order:
+                types.append(await conn.fetchval("SELECT format_type($1::oid, NULL)", oids[column]))
+            self.key_types[aggregate.name] = tuple(types)
+            query = build_query(aggregate, types, "csv", dict.fromkeys(spec.order),
+                                aggregate.columns, [""] * len(types))
+            try:
+                await conn.prepare(query.sql)
+            except asyncpg.PostgresError as exc:
+                raise AggregateFileError(spec.path, spec.export_line,
+                                         f"export: {exc.sqlstate}: {exc}") from exc
+
+    def response(self, request: Request, aggregate: Aggregate, fmt: str, values: dict[str, Any],
+                 fields: tuple[str, ...], claims: str, pool: asyncpg.Pool, position: int,
+                 changed: Callable[[int], str], outcome: Callable[[str], None]) -> ExportResponse:
+        """The response for one export request (raises ``BadRequest`` for a bad ``after``)."""
+        spec = aggregate.spec
+        after = None
+        if "after" in request.query_params and spec.param("after") is None:
+            if not spec.export_order:
+                raise BadRequest(f"after needs an '-- export: order by' key; {aggregate.name} "
+                                 "declares none", code="invalid_parameter", param="after")
+            after = parse_after(request.query_params["after"], [c for c, _ in spec.export_order])
+        key = {c for c, _ in spec.export_order}
+        kept = [c for c in aggregate.columns if not fields or c in fields or c in key]
+        if self.active >= MAX_EXPORTS:
+            metrics.REJECTED.labels("exports").inc()
+            raise TooManyRequests(f"at most {MAX_EXPORTS} exports at once; try again shortly",
+                                  retry_after=5)
+        query = build_query(aggregate, self.key_types.get(aggregate.name, ()), fmt, values, kept, after)
+        headers = [
+            (b"content-type", FORMATS[fmt].encode()),
+            (b"content-disposition",
+             f'attachment; filename="{aggregate.name}-{position}.{fmt}"'.encode()),
+            (b"cache-control", b"no-store"),
+            (b"vary", b"Accept, Accept-Encoding, Authorization, Cookie"),
+            (b"x-export-position", str(position).encode()),
+        ]
+        if spec.export_order:
+            headers.append((b"x-export-key", json.dumps([c for c, _ in spec.export_order]).encode()))
+        given = request.headers.get(POSITION_HEADER, "")
+        if given:
+            if not given.isdigit() or int(given) > 2**63 - 1:
+                raise BadRequest("X-Export-Position must be a position (a decimal integer)",
+                                 code="invalid_parameter", param=POSITION_HEADER)
+            headers.append((b"x-export-changed", changed(int(given)).encode()))
+        gzip = accepts_gzip(request.headers.get("accept-encoding", ""))
+        if gzip:
+            headers.append((b"content-encoding", b"gzip"))
+        header_line = ",".join(_csv_cell(c) for c in kept) if fmt == "csv" else None
+        return ExportResponse(self, aggregate.name, query, fmt, header_line, headers, gzip,
+                              claims, pool, position, request.method == "HEAD",
+                              after is not None, outcome)
+
+
+class ExportResponse(Response):
+    """Plain ASGI (a ``Response`` only in type): the export, watching for the client leaving."""
+
+    def __init__(self, exporter: Exporter, name: str, query: Query, fmt: str,
+                 header_line: str | None, headers: list[tuple[bytes, bytes]], gzip: bool,
+                 claims: str, pool: asyncpg.Pool, position: int, head: bool, resumed: bool,
+                 outcome: Callable[[str], None]) -> None:
+        self.exporter, self.name, self.query, self.fmt = exporter, name, query, fmt
+        self.header_line, self.start_headers, self.gzip = header_line, headers, gzip
+        self.claims, self.pool, self.position, self.head = claims, pool, position, head
+        self.resumed, self.outcome = resumed, outcome
+        self.rows = self.bytes = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.head:
+            self.outcome("200")
+            await send({"type": "http.response.start", "status": 200, "headers": self.start_headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        self.exporter.active += 1
+        metrics.EXPORTS_ACTIVE.inc()
+        producer = asyncio.ensure_future(self._run(send))
+        watcher = asyncio.ensure_future(_disconnected(receive))
+        result = "failed"
+        try:
+            await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if producer.done():
+                result = producer.result()
+            else:
+                producer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await producer
+                result = "disconnected"
+                log.info("export cancelled: the client went away", extra={
+                    "event": "export_disconnected", "aggregate": self.name, "rows": self.rows})
+        finally:
+            producer.cancel()
+            watcher.cancel()
+            self.exporter.active -= 1
+            metrics.EXPORTS_ACTIVE.dec()
+            metrics.EXPORTS.labels(self.name, result).inc()
+
+    async def _run(self, send: Send) -> str:
+        """Stream the export; the outcome: ``complete``, ``failed`` or ``rejected``."""
+        compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31) if self.gzip else None
+        started = False
+        rows_counter = metrics.EXPORT_ROWS.labels(self.name)
+        bytes_counter = metrics.EXPORT_BYTES.labels(self.name)
+
+        async def write(data: bytes, more: bool = True) -> None:
+            if compressor is not None:
+                data = compressor.compress(data) + compressor.flush(
+                    zlib.Z_SYNC_FLUSH if more else zlib.Z_FINISH)
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    try:
+                        await conn.execute(
+                            "SELECT set_config('role', 'pgsse_reader', true),"
+                            " set_config('request.jwt.claims', $1, true),"
+                            " set_config('statement_timeout', $2, true),"
+                            " set_config('idle_in_transaction_session_timeout', $3, true)",
+                            self.claims, STATEMENT_TIMEOUT, IDLE_TIMEOUT)
+                        total = None
+                        if self.query.count_sql is not None:
+                            total = await conn.fetchval(self.query.count_sql, *self.query.args)
+                        cursor = await conn.cursor(self.query.sql, *self.query.args)
+                        batch = await cursor.fetch(BATCH_ROWS)
+                    except (asyncpg.DataError, asyncpg.InvalidParameterValueError) as exc:
+                        raise BadRequest(f"invalid {'after' if self.resumed else 'parameter'} value: {exc}",
+                                         code="invalid_parameter",
+                                         param="after" if self.resumed else None) from exc
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        log.warning("export query failed", extra={
+                            "event": "export_failed", "aggregate": self.name, "error": repr(exc)})
+                        raise Unavailable("the export query failed; try again") from exc
+                    headers = self.start_headers
+                    if total is not None:
+                        headers = [*headers, (b"x-total-count", str(total).encode())]
+                    self.outcome("200")
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    started = True
+                    newline = "\r\n" if self.fmt == "csv" else "\n"
+                    if self.header_line is not None:
+                        await write((self.header_line + newline).encode())
+                    try:
+                        while batch:
+                            chunk = (newline.join([r[0] for r in batch]) + newline).encode()
+                            await write(chunk)
+                            self.rows += len(batch)
+                            self.bytes += len(chunk)
+                            rows_counter.inc(len(batch))
+                            bytes_counter.inc(len(chunk))
+                            if len(batch) < BATCH_ROWS:
+                                break
+                            batch = await cursor.fetch(BATCH_ROWS)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                        await self._fail(write, exc)
+                        return "failed"
+            if self.fmt == "ndjson":
+                trailer = {"@pgsse": "end", "rows": self.rows, "bytes": self.bytes,
+                           "position": self.position}
+                await write((json.dumps(trailer, separators=(",", ":")) + "\n").encode(), more=False)
+            else:
+                await write(b"", more=False)
+            return "complete"
+        except PgsseError as exc:
+            if started:
+                raise
+            if 400 <= exc.status < 500:
+                self.outcome("4xx")
+            response = exc.response()
+            await send({"type": "http.response.start", "status": response.status_code,
+                        "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+            return "rejected"
+
+    async def _fail(self, write: Callable[..., Any], exc: BaseException) -> None:
+        """The marker line, then return with the body unfinished: uvicorn closes the connection."""
+        code = getattr(exc, "sqlstate", None) or "connection_lost"
+        log.warning("export failed mid-stream", extra={
+            "event": "export_failed", "aggregate": self.name, "rows": self.rows,
+            "error": repr(exc)})
+        message = str(exc).replace("\r", " ").replace("\n", " ")
+        if self.fmt == "ndjson":
+            marker = json.dumps({"@pgsse": "error", "code": code, "message": message,
+                                 "rows": self.rows}, separators=(",", ":")) + "\n"
+        else:
+            marker = f"#pgsse-export-error code={code} rows={self.rows} message={message}\r\n"
+        await write(marker.encode())
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client has gone away (the request body is read and dropped)."""
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
