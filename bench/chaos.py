@@ -1,0 +1,200 @@
+"""``make chaos`` / ``python -m bench.chaos [--quick] [--only name,name]`` — the loss and
+chaos suite.
+
+Runs fault scenarios against a real ``python -m pgsse serve`` (one subprocess per scenario,
+on a fresh database) and a real PostgreSQL (embedded under .data/chaos, or
+``CHAOS_DATABASE_URL`` / ``DATABASE_URL``, which must be a superuser), everything on
+127.0.0.1, and prints one table: scenario, load, lost, duplicated, reordered, resets,
+dropped clients, RSS and fd delta, pass/fail. Writes bench/results/chaos/chaos.json and
+chaos.png; exits non-zero when any scenario fails.
+
+Loss is judged per client against what PostgreSQL committed (``realtime.events``, read
+before any prune): a committed position a client never received is *lost* unless an
+``event: reset`` covering it arrived before the stream moved past it. Scenarios and what
+passing means are in ``bench/chaos_scenarios.py`` (1–4),
+``bench/chaos_faults.py`` (5–10) and ``bench/chaos_guards.py`` (11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import chaos_faults, chaos_guards, chaos_infra, chaos_scenarios
+from .chaos_infra import RESULTS, Postgres, log, raise_nofile
+from .chaos_scenarios import Result, Run
+from .loadclient import install_uvloop
+
+SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
+    "prune_listener_away": chaos_scenarios.prune_listener_away,
+    "prune_mid_replay": chaos_scenarios.prune_mid_replay,
+    "bulk_transaction": chaos_scenarios.bulk,
+    "zombie_sockets": chaos_scenarios.zombies,
+    "param_flood": chaos_faults.param_flood,
+    "readiness": chaos_faults.readiness,
+    "claims": chaos_faults.claims,
+    "header_timeout": chaos_faults.header_timeout,
+    "crlf_table_name": chaos_faults.crlf_table,
+    "sequencing_burst": chaos_faults.sequencing_burst,
+    "backend_kill_storm": chaos_guards.kill_storm,
+    "refused_logins": chaos_guards.refused_logins,
+    "postgres_restart": chaos_guards.postgres_restart,
+    "connection_churn": chaos_guards.churn,
+}
+
+COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",
+           "fd Δ", "result")
+
+
+def row(result: Result) -> list[str]:
+    def num(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    return [result.scenario, result.load, num(result.lost), num(result.duplicated),
+            num(result.reordered), num(result.resets), num(result.dropped),
+            num(result.rss_delta_mb), num(result.fd_delta),
+            "PASS" if result.passed else "FAIL"]
+
+
+def table(results: list[Result], load_width: int = 60) -> str:
+    rows = [list(COLUMNS)] + [row(r) for r in results]
+    for r in rows:
+        if len(r[1]) > load_width:
+            r[1] = r[1][:load_width - 1] + "…"
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) if j < 2 else cell.rjust(w)
+                               for j, (cell, w) in enumerate(zip(r, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    failed = [result for result in results if not result.passed]
+    if failed:
+        lines.append("")
+        for result in failed:
+            lines.append(f"FAIL {result.scenario}: {result.verdict}")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: Any, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = COLUMNS
+    cells = [row(r) for r in results]
+    for cell in cells:
+        if len(cell[1]) > 48:
+            cell[1] = cell[1][:47] + "…"
+    fig, ax = plt.subplots(figsize=(16, 0.45 * (len(cells) + 2) + 0.6))
+    ax.axis("off")
+    tbl = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="center")
+    tbl.auto_set_font_size(False)
+    tbl.set_fontsize(8)
+    tbl.auto_set_column_width(list(range(len(cols))))
+    for i, r in enumerate(results, start=1):
+        colour = "#c8efc8" if r.passed else "#f5c2c2"
+        tbl[i, len(cols) - 1].set_facecolor(colour)
+        tbl[i, 0].set_facecolor(colour)
+        tbl[i, 1].get_text().set_horizontalalignment("left")
+    for j in range(len(cols)):
+        tbl[0, j].set_facecolor("#dddddd")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def git_head(ref: str) -> str:
+    try:
+        return subprocess.run(["git", "log", "-1", "--format=%h %s", ref], capture_output=True,
+                              text=True, timeout=10, cwd=RESULTS.parent.parent.parent
+                              ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+async def run(args: argparse.Namespace) -> int:
+    names = list(SCENARIOS)
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in SCENARIOS]
+        if unknown:
+            log(f"unknown scenario(s) {unknown}; known: {', '.join(SCENARIOS)}")
+            return 2
+        names = wanted
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raise_nofile()
+    if args.ref:
+        chaos_infra.SERVICE_SOURCE = chaos_infra.export_revision(args.ref)
+        log(f"service from {args.ref}: {chaos_infra.SERVICE_SOURCE}")
+    started = time.monotonic()
+    pg = Postgres()
+    results: list[Result] = []
+    try:
+        await pg.start()
+        for name in names:
+            log(f"{name} …")
+            t0 = time.monotonic()
+            try:
+                async with asyncio.timeout(args.scenario_timeout):
+                    result = await SCENARIOS[name](Run(pg, args.quick))
+            except Exception as exc:  # a broken scenario is a failed scenario, not a crash
+                log(traceback.format_exc())
+                result = Result(name, "").judge([f"scenario error: {exc!r}"[:300]])
+            result.seconds = round(time.monotonic() - t0, 1)
+            results.append(result)
+            log(f"{name}: {'PASS' if result.passed else 'FAIL'} in {result.seconds}s — "
+                f"{result.verdict}; {json.dumps(result.figures, default=str)[:600]}")
+    finally:
+        await pg.close()
+    elapsed = round(time.monotonic() - started, 1)
+    head = git_head(args.ref or "HEAD") + ("" if args.ref else " (+ work tree)")
+    report = {
+        "suite": "pgsse chaos",
+        "quick": args.quick,
+        "git": head,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "postgres": "external" if pg.external else "embedded",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": elapsed,
+        "passed": all(r.passed for r in results),
+        "scenarios": [r.__dict__ for r in results],
+    }
+    (RESULTS / "chaos.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    title = (f"pgsse chaos suite{' (--quick)' if args.quick else ''} — {head[:60]} — "
+             f"{os.cpu_count()} cores, {elapsed:.0f} s")
+    plot(results, RESULTS / "chaos.png", title)
+    print(table(results))
+    print(f"\n{sum(r.passed for r in results)}/{len(results)} passed in {elapsed:.0f} s; "
+          f"{RESULTS / 'chaos.json'}, {RESULTS / 'chaos.png'}")
+    return 0 if report["passed"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter loads (development)")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
+    parser.add_argument("--ref", help="run the service from this git revision (exported "
+                        "under .data/chaos/src) instead of the work tree")
+    parser.add_argument("--scenario-timeout", type=float, default=240.0,
+                        help="hard limit per scenario, seconds (default 240)")
+    args = parser.parse_args(argv)
+    install_uvloop()
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The chaos scenarios. Each takes a ``Run`` (PostgreSQL, mode) and returns a ``Result``.
+
+Every scenario starts its own service on a fresh database, applies one fault or hostile
+load through the public contract only, and judges the outcome by what clients received
+against what PostgreSQL committed (``chaos_infra.check``). Every loop is bounded in count
+and in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from .chaos_infra import (
+    Postgres,
+    Service,
+    SseClient,
+    Tally,
+    check,
+    last_position,
+    publish_end,
+    service_on_fresh_db,
+    truth_of,
+    wait_clients,
+    wait_sequenced,
+    wait_until,
+)
+
+MB = 1024 * 1024
+
+
+@dataclass
+class Run:
+    pg: Postgres
+    quick: bool
+
+
+@dataclass
+class Result:
+    scenario: str
+    load: str = ""
+    lost: int | None = 0
+    duplicated: int | None = 0
+    reordered: int | None = 0
+    resets: int | None = 0
+    dropped: int | None = 0
+    rss_delta_mb: float | None = None
+    fd_delta: int | None = None
+    passed: bool = False
+    verdict: str = ""
+    seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def no_stream(self) -> Result:
+        """For scenarios without an event stream to judge: those columns print ``-``."""
+        self.lost = self.duplicated = self.reordered = self.resets = self.dropped = None
+        return self
+
+    def take(self, tally: Tally) -> None:
+        self.lost = (self.lost or 0) + tally.lost
+        self.duplicated = (self.duplicated or 0) + tally.duplicated
+        self.reordered = (self.reordered or 0) + tally.reordered
+        self.resets = (self.resets or 0) + tally.resets
+        self.figures["corrupt"] = self.figures.get("corrupt", 0) + tally.corrupt
+        self.figures["excused_by_reset"] = self.figures.get("excused_by_reset", 0) + tally.excused
+
+    def judge(self, failures: list[str]) -> Result:
+        self.passed = not failures
+        self.verdict = "; ".join(failures) if failures else "ok"
+        return self
+
+
+class Baseline:
+    """RSS and fds of the service before a load, for the deltas."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+        self.rss = service.rss()
+        self.fds = service.fds()
+
+    async def deltas(self, result: Result, quiet: float = 3.0) -> None:
+        """Fill the deltas once the fd count has stopped changing (at most ``quiet`` s)."""
+        service = self.service
+        last = [service.fds()]
+
+        def stable() -> bool:
+            now = service.fds()
+            same = now == last[0]
+            last[0] = now
+            return same and now <= self.fds + 2
+
+        await wait_until(stable, quiet, 0.25)
+        result.rss_delta_mb = round((service.rss() - self.rss) / MB, 1)
+        result.fd_delta = service.fds() - self.fds
+
+
+def tally_clients(result: Result, clients: list[SseClient],
+                  truth: list[tuple[int, tuple[int, int]]]) -> Tally:
+    total = Tally()
+    for client in clients:
+        after = int(client.start_id) if client.start_id else 0
+        total.add(check(client.items, truth, after))
+    result.take(total)
+    result.dropped = sum(1 for c in clients if c.drops)
+    result.figures["drops_total"] = sum(c.drops for c in clients)
+    result.figures["clients_finished"] = sum(1 for c in clients if c.done)
+    result.figures["forged_frames"] = sum(len(c.forged) for c in clients)
+    return total
+
+
+def loss_failures(result: Result, clients: list[SseClient], *, resets_ok: bool,
+                  drops_ok: bool = True) -> list[str]:
+    failures = []
+    if result.lost:
+        failures.append(f"{result.lost} events lost silently")
+    if result.duplicated:
+        failures.append(f"{result.duplicated} duplicated")
+    if result.reordered:
+        failures.append(f"{result.reordered} reordered")
+    if result.figures.get("corrupt"):
+        failures.append(f"{result.figures['corrupt']} corrupt events")
+    if not resets_ok and result.resets:
+        failures.append(f"{result.resets} resets with nothing pruned")
+    if not drops_ok and result.dropped:
+        failures.append(f"{result.dropped} clients dropped")
+    unfinished = len(clients) - result.figures.get("clients_finished", 0)
+    if unfinished:
+        failures.append(f"{unfinished} clients never got the end marker")
+    return failures
+
+
+async def publish_series(conn: asyncpg.Connection, topic: str, count: int, start: int = 1,
+                         pad: int = 0, w: int = 0) -> None:
+    """``count`` events in one transaction, data ``{"w", "n", "pad"}``, n from ``start``."""
+    await conn.execute(
+        "SELECT realtime.publish($1, 'chaos.x', jsonb_build_object('w', $4::int, 'n', g, "
+        "'pad', repeat('x', $3))) FROM generate_series($2::int, $2::int + $5::int - 1) g",
+        topic, start, pad, w, count)
+
+
+async def live_clients(service: Service, conn: asyncpg.Connection, topic: str,
+                       count: int) -> list[SseClient]:
+    """Clients that were already at the head: they resume from it (a drop before their first
+    event then costs nothing), as a browser that has seen the latest id does."""
+    head = str(await last_position(conn))
+    return [SseClient(service.port, topic, last_id=head) for _ in range(count)]
+
+
+async def run_clients(clients: list[SseClient], timeout: float) -> list[asyncio.Task[SseClient]]:
+    return [asyncio.create_task(c.run(timeout)) for c in clients]
+
+
+async def finish(tasks: list[asyncio.Task[SseClient]], timeout: float) -> None:
+    done, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- 1. prune while the listener is away -----------------------------------------------
+
+
+async def prune_listener_away(run: Run) -> Result:
+    n_clients, n_events = (50, 1000) if run.quick else (100, 1000)
+    result = Result("prune_listener_away", f"{n_clients} live clients, {n_events} events "
+                    "published and pruned while the listener is refused")
+    topic = "chaos_prune_away"
+    async with service_on_fresh_db(run.pg, result.scenario) as (service, conn):
+        base = Baseline(service)
+        clients = await live_clients(service, conn, topic, n_clients)
+        tasks = await run_clients(clients, 90)
+        await wait_clients(service, n_clients)
+        killed = await run.pg.refuse_logins(True, terminate="pgsse-listener")
+        result.figures["listener_backends_terminated"] = killed
+        head = await last_position(conn)
+        await publish_series(conn, topic, n_events)
+        sequenced = await wait_sequenced(conn, head + n_events, 20)
+        truth = await truth_of(conn, topic)
+        pruned = await conn.fetchval("SELECT realtime.prune('0')")
+        result.figures.update(sequenced=sequenced, pruned=pruned)
+        await run.pg.refuse_logins(False, terminate=None)
+        ready = await wait_until(lambda: _ready(service), 30, 0.1)
+        result.figures["ready_after_restore"] = bool(ready)
+        await publish_end(conn, topic)
+        await finish(tasks, 45)
+        tally_clients(result, clients, truth)
+        await base.deltas(result)
+    failures = loss_failures(result, clients, resets_ok=True)
+    if not result.figures.get("sequenced"):
+        failures.append("events never sequenced with the listener away")
+    return result.judge(failures)
+
+
+async def _ready(service: Service) -> bool:
+    try:
+        return (await service.get("/readyz", timeout=2)).status == 200
+    except (OSError, TimeoutError, ValueError):
+        return False
+
+
+# --- 2. prune mid-replay ------------------------------------------------------------------
+
+
+async def prune_mid_replay(run: Run) -> Result:
+    n_clients, n_events = 20, 30_000
+    result = Result("prune_mid_replay", f"{n_clients} clients resume from 0 over "
+                    f"{n_events:,} retained 0.5 KB events while prune('0') runs")
+    topic = "chaos_replay"
+    async with service_on_fresh_db(run.pg, result.scenario) as (service, conn):
+        base = Baseline(service)
+        head = await last_position(conn)
+        for start in range(1, n_events + 1, 5000):
+            await publish_series(conn, topic, 5000, start=start, pad=500)
+        await wait_sequenced(conn, head + n_events, 30)
+        truth = await truth_of(conn, topic)
+        clients = [SseClient(service.port, topic, last_id="0") for _ in range(n_clients)]
+        tasks = await run_clients(clients, 120)
+        # Prune once the replays are under way (~16 MB of history: past the in-memory
+        # window, so replay reads PostgreSQL in batches).
+        await wait_until(lambda: any(len(c.items) >= 1000 for c in clients), 20, 0.005)
+        received_at_prune = sum(len(c.items) for c in clients)
+        pruned = await conn.fetchval("SELECT realtime.prune('0')")
+        result.figures.update(pruned=pruned, received_when_pruned=received_at_prune)
+        await publish_end(conn, topic)
+        await finish(tasks, 45)
+        tally_clients(result, clients, truth)
+        await base.deltas(result)
+    return result.judge(loss_failures(result, clients, resets_ok=True))
+
+
+# --- 3. bulk transactions -------------------------------------------------------------------
+
+
+async def bulk(run: Run) -> Result:
+    n_clients = 20
+    result = Result("bulk_transaction", f"{n_clients} fast clients; 1 tx of 10,000 x 1 KB, "
+                    "then 1 tx of 5 x 250 KB")
+    topic = "chaos_bulk"
+    async with service_on_fresh_db(run.pg, result.scenario) as (service, conn):
+        base = Baseline(service)
+        dropped0 = await service.metric("pgsse_slow_clients_dropped_total")
+        clients = await live_clients(service, conn, topic, n_clients)
+        tasks = await run_clients(clients, 90)
+        await wait_clients(service, n_clients)
+        await publish_series(conn, topic, 10_000, pad=1000)
+        await publish_series(conn, topic, 5, start=10_001, pad=250_000, w=1)
+        await publish_end(conn, topic)
+        await finish(tasks, 45)
+        truth = await truth_of(conn, topic)
+        tally_clients(result, clients, truth)
+        result.figures["slow_dropped_metric"] = (
+            await service.metric("pgsse_slow_clients_dropped_total") - dropped0)
+        await base.deltas(result)
+    failures = loss_failures(result, clients, resets_ok=False, drops_ok=False)
+    if len(truth) != 10_005:
+        failures.append(f"{len(truth)} events committed, expected 10,005")
+    return result.judge(failures)
+
+
+# --- 4. zombie sockets ----------------------------------------------------------------------
+
+
+async def zombies(run: Run) -> Result:
+    n_zombies = 50
+    result = Result("zombie_sockets", f"{n_zombies} clients stop reading (SO_RCVBUF 4 KB) "
+                    "while 25 x 4 KB transactions flow")
+    topic = "chaos_zombie"
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    async with service_on_fresh_db(run.pg, result.scenario) as (service, conn):
+        base = Baseline(service)
+        dropped0 = await service.metric("pgsse_slow_clients_dropped_total")
+        canary = (await live_clients(service, conn, topic, 1))[0]
+        canary_task = asyncio.create_task(canary.run(180))
+        zombie_ids: list[str | None] = []
+        try:
+            for _ in range(n_zombies):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", service.port))
+                await loop.sock_sendall(sock, (f"GET /events?topic={topic} HTTP/1.1\r\n"
+                                               f"Host: 127.0.0.1\r\n\r\n").encode())
+                socks.append(sock)
+            await wait_clients(service, n_zombies + 1)
+            fds_with_zombies = service.fds()
+            # A zombie reads nothing, ever; it last saw the head it connected at.
+            head = await last_position(conn)
+            zombie_ids = [str(head)] * n_zombies
+            await publish_series(conn, topic, 1, pad=10)
+            # Flow events until every zombie has been dropped as slow (bounded).
+            n = 2
+            started = time.monotonic()
+            dropped = 0.0
+            # Small transactions (25 x 4 KB), so a drop comes from a reader that stays
+            # behind, not from one batch larger than a client's buffer.
+            for i in range(4000):
+                await publish_series(conn, topic, 25, start=n, pad=4000)
+                n += 25
+                if i % 20 == 19:
+                    dropped = await service.metric("pgsse_slow_clients_dropped_total") - dropped0
+                    if dropped >= n_zombies or time.monotonic() - started > 40:
+                        break
+                await asyncio.sleep(0.005)
+            drop_time = time.monotonic()
+            result.figures.update(events_to_drop=n - 1, slow_dropped_metric=dropped,
+                                  fds_with_zombies=fds_with_zombies - base.fds,
+                                  mb_published=round((n - 1) * 4 / 1024, 1))
+            # Within 10 s: fds back near baseline, no connected clients but the canary, and
+            # the sockets really gone (no orphan still holding the zombie's send queue).
+            async def freed() -> bool:
+                clients = await service.metric("pgsse_connected_clients")
+                return (service.fds() <= base.fds + 3 and clients <= 1
+                        and server_sockets(service.port)[0] <= 3)
+            ok = await wait_until(freed, 10, 0.2)
+            result.figures["freed_within_10s"] = bool(ok)
+            result.figures["freed_after_s"] = round(time.monotonic() - drop_time, 1) if ok else None
+            result.figures["fds_over_baseline_10s_after"] = service.fds() - base.fds
+            (result.figures["server_sockets_10s_after"], result.figures["send_queue_mb_10s_after"],
+             result.figures["server_socket_states_10s_after"]) = server_sockets(service.port)
+            result.figures["connected_clients_10s_after"] = await service.metric(
+                "pgsse_connected_clients")
+        finally:
+            for sock in socks:
+                sock.close()
+        # They come back with their last id and must lose nothing.
+        await publish_end(conn, topic)
+        resumed = [SseClient(service.port, topic, last_id=i) for i in zombie_ids if i]
+        await finish(await run_clients(resumed, 60), 70)
+        await finish([canary_task], 60)
+        truth = await truth_of(conn, topic)
+        tally_clients(result, resumed + [canary], truth)
+        result.dropped = int(result.figures["slow_dropped_metric"])
+        await base.deltas(result)
+    failures = loss_failures(result, resumed + [canary], resets_ok=False)
+    if len(resumed) != n_zombies:
+        failures.append(f"only {len(resumed)} zombies read a first id")
+    if result.figures["slow_dropped_metric"] < n_zombies:
+        failures.append(f"only {result.figures['slow_dropped_metric']:.0f} of {n_zombies} "
+                        "dropped as slow")
+    if not result.figures["freed_within_10s"]:
+        failures.append(f"10 s after the drops: fds +{result.figures['fds_over_baseline_10s_after']}"
+                        f", connected_clients {result.figures['connected_clients_10s_after']:.0f}"
+                        f", server sockets {result.figures['server_sockets_10s_after']} holding "
+                        f"{result.figures['send_queue_mb_10s_after']} MB of send queue")
+    return result.judge(failures)
+
+
+def server_sockets(port: int) -> tuple[int, float, dict[str, int]]:
+    """Server-side TCP sockets of the port not yet gone (TIME-WAIT aside), and their send
+    queues in MB (``ss``): a socket closed gracefully lingers (FIN-WAIT-1, kernel memory)
+    while a peer that never reads holds it, even after the process released its fd."""
+    import subprocess
+
+    out = subprocess.run(["ss", "-tnH", "state", "connected", f"( sport = :{port} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    count, queued = 0, 0
+    states: dict[str, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] != "TIME-WAIT" and fields[2].isdigit():
+            count += 1
+            queued += int(fields[2])
+            states[fields[0]] = states.get(fields[0], 0) + 1
+    return count, round(queued / MB, 1), states
+
+
+async def _read_first_id(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str | None:
+    buf = b""
+    try:
+        async with asyncio.timeout(10):
+            while b"\nid: " not in buf or not buf.split(b"\nid: ", 1)[1].count(b"\n"):
+                data = await loop.sock_recv(sock, 4096)
+                if not data:
+                    return None
+                buf += data
+    except TimeoutError:
+        return None
+    return buf.split(b"\nid: ", 1)[1].split(b"\n", 1)[0].decode()
