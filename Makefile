@@ -18,7 +18,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP) ## embedded PostgreSQL (unless DATABASE_URL), demo data + writer, dashboard on :8000
 	DEMO=$${DEMO:-1} LOG_FORMAT=$${LOG_FORMAT:-text} $(VENV)/bin/pgsse serve
 
-test: $(STAMP) ## the whole suite (ephemeral PostgreSQL unless TEST_DATABASE_URL)
+# The browser client's dev dependencies (eventsource-parser, typescript, query-core), from
+# clients/js/package-lock.json; without npm the JS tests skip (fail under PGSSE_REQUIRE_TOOLS=1).
+JS_STAMP := clients/js/node_modules/.installed
+$(JS_STAMP): clients/js/package.json clients/js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm --prefix clients/js ci --no-audit --no-fund && touch $@; \
+	else echo "npm not found: the JS client tests will skip"; fi
+
+test: $(STAMP) $(JS_STAMP) ## the whole suite (ephemeral PostgreSQL unless TEST_DATABASE_URL)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP) ## benchmarks: JSON report and PNG plots under bench/results/

@@ -26,7 +26,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import db, metrics
+from . import clientjs, db, metrics
 from .aggregates import Aggregates
 from .auth import Authenticator
 from .errors import Forbidden, NotFound, PgsseError, Unavailable
@@ -224,6 +224,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> Starlette
         *state.aggregates.routes(),
         Route("/", dashboard, methods=["GET", "HEAD"]),
         Route("/static/{name}", static_file, methods=["GET", "HEAD"]),
+        *clientjs.routes(),
     ]
 
     @contextlib.asynccontextmanager

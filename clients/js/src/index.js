@@ -113,14 +113,15 @@ export class PgsseClient {
   }
 
   /**
-   * Start from `position` (e.g. an aggregate's `meta.position`) if the client has no
-   * position yet and has not connected: then nothing between that snapshot and the stream
-   * is missed.
+   * Resume from `position` (e.g. an aggregate's `meta.position`) if the client has no
+   * position yet: a connection still being made restarts from it, so nothing between that
+   * snapshot and the stream is missed; a later reconnect of an open one replays from it.
    */
   seed(position) {
-    if (this.lastEventId === null && !this._started && position !== undefined && position !== null) {
-      this.lastEventId = String(position);
-    }
+    if (this.lastEventId !== null || position === undefined || position === null) return;
+    if (!isPosition(String(position))) return;
+    this.lastEventId = String(position);
+    if (this._conn && this.status === "connecting") this._connect();
   }
 
   /** Reconnect now from the last id (e.g. after the app changed its token). */
