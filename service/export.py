@@ -3,7 +3,7 @@
 Protocol:
 - The aggregate's own query, with its typed and claim-bound parameters, runs in one
   read-only REPEATABLE READ transaction as ``pgsse_reader`` with the caller's claims (so
-  row-level security applies), through a cursor fetched ``BATCH_ROWS`` at a time. Each
+  row-level security applies), through a ``DECLARE``d cursor fetched ``BATCH_ROWS`` at a time. Each
   batch is encoded and written before the next is fetched: uvicorn's ``send`` waits while
   the socket is full, so a slow reader slows the cursor instead of growing a buffer. Nothing
   is cached.
@@ -64,6 +64,8 @@ STATEMENT_TIMEOUT = "15s"  # per FETCH, not for the whole export
 IDLE_TIMEOUT = "60s"  # a reader that stops reading for this long loses its export
 GZIP_LEVEL = 1  # exports are large and streamed: speed over the last few percent
 POSITION_HEADER = "x-export-position"
+CURSOR = "pgsse_export"
+FETCH = f"FETCH {BATCH_ROWS} FROM {CURSOR}"
 
 
 def requested_format(request: Request, spec: AggregateFile) -> str | None:
@@ -133,8 +135,21 @@ class Query:
     args: list[Any]
 
 
-def build_query(aggregate: Aggregate, key_types: Sequence[str], fmt: str,
-                values: dict[str, Any], kept: Sequence[str], after: list[str] | None) -> Query:
+@dataclass(frozen=True)
+class Columns:
+    """What start-up learnt of an aggregate's result columns."""
+
+    key_types: tuple[str, ...] = ()  # SQL type of each export key column, for ``after``
+    bare: frozenset[str] = frozenset()  # columns whose CSV cell never needs quotes
+
+
+# Types whose JSON text never holds a comma, quote, line break or leading '#', nor is empty.
+BARE_TYPES = frozenset({"int2", "int4", "int8", "float4", "float8", "numeric", "bool", "date",
+                        "time", "timestamp", "timestamptz", "uuid", "oid"})
+
+
+def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[str, Any],
+                kept: Sequence[str], after: list[str] | None) -> Query:
     """SELECT one encoded line per row of the file's query (placeholders only, no values)."""
     spec = aggregate.spec
     args: list[Any] = [values[name] for name in spec.order]
@@ -149,29 +164,31 @@ def build_query(aggregate: Aggregate, key_types: Sequence[str], fmt: str,
         source = f"FROM ({spec.sql}) q"
     else:
         cells = ", ".join(f"c{i}" for i in range(len(kept)))
-        quoted = [f"CASE WHEN v.c{i} IS NULL THEN '' WHEN v.c{i} = '' OR v.c{i} ~ '^#|[\",\\r\\n]'"
+        quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else
+                  f"CASE WHEN v.c{i} IS NULL THEN '' WHEN v.c{i} = '' OR v.c{i} ~ '^#|[\",\\r\\n]'"
                   f" THEN '\"' || replace(v.c{i}, '\"', '\"\"') || '\"' ELSE v.c{i} END"
-                  for i in range(len(kept))]
+                  for i, c in enumerate(kept)]
         line = quoted[0] if len(kept) == 1 else f"concat_ws(',', {', '.join(quoted)})"
         jsons = ", ".join(f"to_jsonb(q.{_ident(c)}) #>> '{{}}'" for c in kept)
         source = (f"FROM ({spec.sql}) q CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
     where = ""
     order = ""
     if spec.export_order:
-        columns = [f"q.{_ident(c)}" for c, _ in spec.export_order]
-        bound = [bind(v, "text") + f"::{t}" for v, t in zip(after or [], key_types, strict=False)]
+        keys = [f"q.{_ident(c)}" for c, _ in spec.export_order]
+        bound = [bind(v, "text") + f"::{t}"
+                 for v, t in zip(after or [], columns.key_types, strict=False)]
         directions = {desc for _, desc in spec.export_order}
         if after is not None and len(directions) == 1:
             op = "<" if spec.export_order[0][1] else ">"
-            where = f" WHERE ({', '.join(columns)}) {op} ({', '.join(bound)})"
+            where = f" WHERE ({', '.join(keys)}) {op} ({', '.join(bound)})"
         elif after is not None:  # mixed directions: a > a0 OR (a = a0 AND b < b0) …
             terms = []
             for i, (_, desc) in enumerate(spec.export_order):
-                equal = [f"{columns[j]} = {bound[j]}" for j in range(i)]
-                terms.append("(" + " AND ".join([*equal, f"{columns[i]} {'<' if desc else '>'} {bound[i]}"]) + ")")
+                equal = [f"{keys[j]} = {bound[j]}" for j in range(i)]
+                terms.append("(" + " AND ".join([*equal, f"{keys[i]} {'<' if desc else '>'} {bound[i]}"]) + ")")
             where = " WHERE " + " OR ".join(terms)
         order = " ORDER BY " + ", ".join(
-            f"{col}{' DESC' if desc else ''}" for col, (_, desc) in zip(columns, spec.export_order, strict=True))
+            f"{col}{' DESC' if desc else ''}" for col, (_, desc) in zip(keys, spec.export_order, strict=True))
     count_sql = f"SELECT count(*) FROM ({spec.sql}) q{where}" if spec.export_count else None
     return Query(f"SELECT {line} {source}{where}{order}", count_sql, args)
 
@@ -180,14 +197,13 @@ class Exporter:
     """Checks each file's export headers at start-up, and builds export responses."""
 
     def __init__(self) -> None:
-        self.key_types: dict[str, tuple[str, ...]] = {}
+        self.columns: dict[str, Columns] = {}
         self.active = 0
 
     async def prepare(self, conn: Any, aggregate: Aggregate) -> None:
-        """Check ``-- export: order by`` against the result columns; a bad one stops start-up."""
+        """Learn the result columns' types; check ``-- export: order by`` (a bad one stops
+        start-up, naming the file and line)."""
         spec = aggregate.spec
-        if not spec.export_order:
-            return
         missing = [c for c, _ in spec.export_order if c not in aggregate.columns]
         if missing:
             raise AggregateFileError(spec.path, spec.export_line,
@@ -197,12 +213,17 @@ class Exporter:
             await conn.execute("SELECT set_config('role', 'pgsse_reader', true),"
                                " set_config('request.jwt.claims', '{}', true)")
             probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) q LIMIT 0")
-            oids = {a.name: a.type.oid for a in probe.get_attributes()}
+            attributes = probe.get_attributes()
+            bare = frozenset(a.name for a in attributes
+                             if a.type.schema == "pg_catalog" and a.type.name in BARE_TYPES)
+            oids = {a.name: a.type.oid for a in attributes}
             types = []
             for column, _ in spec.export_order:
                 types.append(await conn.fetchval("SELECT format_type($1::oid, NULL)", oids[column]))
-            self.key_types[aggregate.name] = tuple(types)
-            query = build_query(aggregate, types, "csv", dict.fromkeys(spec.order),
+            self.columns[aggregate.name] = columns = Columns(tuple(types), bare)
+            if not spec.export_order:
+                return
+            query = build_query(aggregate, columns, "csv", dict.fromkeys(spec.order),
                                 aggregate.columns, [""] * len(types))
             try:
                 await conn.prepare(query.sql)
@@ -227,7 +248,8 @@ class Exporter:
             metrics.REJECTED.labels("exports").inc()
             raise TooManyRequests(f"at most {MAX_EXPORTS} exports at once; try again shortly",
                                   retry_after=5)
-        query = build_query(aggregate, self.key_types.get(aggregate.name, ()), fmt, values, kept, after)
+        query = build_query(aggregate, self.columns.get(aggregate.name, Columns()), fmt, values,
+                            kept, after)
         headers = [
             (b"content-type", FORMATS[fmt].encode()),
             (b"content-disposition",
@@ -321,8 +343,12 @@ class ExportResponse(Response):
                         total = None
                         if self.query.count_sql is not None:
                             total = await conn.fetchval(self.query.count_sql, *self.query.args)
-                        cursor = await conn.cursor(self.query.sql, *self.query.args)
-                        batch = await cursor.fetch(BATCH_ROWS)
+                        # DECLARE, not a protocol-level portal: the planner then favours
+                        # plans that yield the first rows at once (cursor_tuple_fraction)
+                        # over a sort of the whole result before the first byte.
+                        await conn.execute(f"DECLARE {CURSOR} NO SCROLL CURSOR FOR {self.query.sql}",
+                                           *self.query.args)
+                        batch = await conn.fetch(FETCH)
                     except (asyncpg.DataError, asyncpg.InvalidParameterValueError) as exc:
                         raise BadRequest(f"invalid {'after' if self.resumed else 'parameter'} value: {exc}",
                                          code="invalid_parameter",
@@ -350,7 +376,7 @@ class ExportResponse(Response):
                             bytes_counter.inc(len(chunk))
                             if len(batch) < BATCH_ROWS:
                                 break
-                            batch = await cursor.fetch(BATCH_ROWS)
+                            batch = await conn.fetch(FETCH)
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         await self._fail(write, exc)
                         return "failed"

@@ -4,6 +4,8 @@
 -- param page: int = 1
 -- param limit: int = 50
 -- cache: public, max-age=2
+-- export: order by created_at desc, id desc
+-- export: count
 SELECT id, product_id, quantity, total, status, created_at
 FROM demo.orders
 WHERE store_id = :store_id AND (:status IS NULL OR status = :status)
