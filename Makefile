@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help run test bench lint clean
+.PHONY: help run test bench chaos lint clean
 
 help: ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ test: $(STAMP) $(JS_STAMP) ## the whole suite (ephemeral PostgreSQL unless TEST_
 
 bench: $(STAMP) ## benchmarks: JSON report and PNG plots under bench/results/
 	$(PY) -m bench
+
+chaos: $(STAMP) ## loss/chaos suite (< 10 min): table, JSON and PNG under bench/results/chaos/
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
 
 lint: $(STAMP) ## ruff and mypy --strict
 	$(VENV)/bin/ruff check service tests bench
