@@ -84,6 +84,8 @@ export interface StatusInfo {
   degraded: boolean;
   attempt?: number;
   delayMs?: number;
+  /** The server's floor the delay respected (`retry:`, `Retry-After`). */
+  floorMs?: number;
   error?: unknown;
 }
 

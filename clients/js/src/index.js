@@ -53,7 +53,6 @@ export class PgsseClient {
     this._subs = new Set();
     this._listeners = new Map();
     this._attempt = 0;
-    this._retryMs = 0;
     this._conn = null;
     this._gen = 0;
     this._timer = null;
@@ -192,7 +191,7 @@ export class PgsseClient {
     if (this._closed || this._paused || this._offline) return;
     const gen = ++this._gen;
     const controller = new AbortController();
-    const conn = { gen, controller, key: "", delivered: false, authExpired: false };
+    const conn = { gen, controller, key: "", delivered: false, authExpired: false, retryMs: 0 };
     this._conn = conn;
     this._started = true;
     this._setStatus("connecting");
@@ -275,7 +274,7 @@ export class PgsseClient {
     this._setStatus("open");
     const parser = createParser({
       onEvent: (frame) => this._onFrame(conn, frame),
-      onRetry: (ms) => { this._retryMs = ms; },
+      onRetry: (ms) => { conn.retryMs = ms; },
       onComment: () => this._delivered(conn),
     });
     const decoder = new TextDecoder();
@@ -290,15 +289,17 @@ export class PgsseClient {
         if (conn.gen !== this._gen) return;
       }
     } catch (error) {
-      if (conn.gen === this._gen) this._fail({ error });
+      if (conn.gen === this._gen) this._fail({ error, floorMs: conn.retryMs });
       return;
     } finally {
       reader.releaseLock?.();
     }
     if (conn.gen !== this._gen) return;
     // The server ended the stream (STREAM_MAX_SECONDS, shutdown, a proxy): resume after its
-    // retry:, with a backoff step only if the stream delivered nothing.
-    this._fail({ error: { message: "stream ended" } });
+    // retry:, with a backoff step only if the stream delivered nothing. (The retry: of a
+    // stream floors the reconnect after that stream only: a draining replica's long retry:
+    // must not slow the reconnects to its replacement.)
+    this._fail({ error: { message: "stream ended" }, floorMs: conn.retryMs });
   }
 
   _onFrame(conn, frame) {
@@ -366,13 +367,14 @@ export class PgsseClient {
     const attempt = this._attempt;
     this._attempt += 1;
     if (this._attempt >= this.degradeAfter) this.degraded = true;
-    const delayMs = backoffDelay(attempt, Math.max(this._retryMs, floorMs), this.backoff);
+    const floor = floorMs || 0;
+    const delayMs = backoffDelay(attempt, floor, this.backoff);
     this._clearTimer();
     this._timer = setTimeout(() => {
       this._timer = null;
       this._connect();
     }, delayMs);
-    this._setStatus(status, { attempt: this._attempt, delayMs, error });
+    this._setStatus(status, { attempt: this._attempt, delayMs, floorMs: floor, error });
   }
 
   _armWatchdog(conn) {
