@@ -32,7 +32,7 @@ def _database_url(settings: Settings) -> str:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from . import logs
+    from . import logs, protocol
     from .app import create_app
     from .sqlfiles import AggregateFileError
 
@@ -47,13 +47,13 @@ def serve(args: argparse.Namespace) -> None:
     except AggregateFileError as exc:
         print(f"pgsse: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
-    state = app.state.pgsse
+    lifecycle = app.lifecycle
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Streams never finish on their own: end them before uvicorn waits for them.
             loop = asyncio.get_event_loop()
-            loop.call_soon_threadsafe(state.drain)
+            loop.call_soon_threadsafe(lifecycle.drain)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -61,6 +61,7 @@ def serve(args: argparse.Namespace) -> None:
         proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds), backlog=4096,
         timeout_keep_alive=15, server_header=False, access_log=False,
+        **protocol.uvicorn_kwargs(settings.header_timeout_seconds),
     )
     if settings.demo:
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
@@ -83,8 +84,15 @@ def migrate(args: argparse.Namespace) -> None:
         finally:
             await conn.close()
 
-    for name in asyncio.run(run()):
+    try:
+        applied = asyncio.run(run())
+    except db.MigrationError as exc:
+        print(f"pgsse: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    for name in applied:
         print(f"applied {name}")
+    if not applied:
+        print("up to date: every migration was already applied")
 
 
 def demo(args: argparse.Namespace) -> None:

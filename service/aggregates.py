@@ -32,7 +32,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -53,22 +54,40 @@ from .caching import (
 )
 from .catalog import Aggregate
 from .errors import BadRequest, NotFound, PgsseError, Unavailable
-from .hub import Event, Subscription
+from .hub import Event, Subscription, Transient
 from .settings import Settings
 from .sqlparams import resolve
 from .topics import covers
 
 if TYPE_CHECKING:
-    from .app import State
+    from .auth import Authenticator
+    from .db import Database
+    from .hub import Hub
+    from .limits import Limits
 
 log = logging.getLogger("pgsse.aggregates")
 VOLATILE_CLAIMS = frozenset({"exp", "iat", "nbf", "jti"})
 QUERY_TIMEOUT = "15s"
 
 
+@dataclass(frozen=True)
+class Collaborators:
+    """What aggregates use of the rest of the service, handed in by ``create_app``."""
+
+    database: Database
+    hub: Hub
+    auth: Authenticator
+    limits: Limits
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.database.pool
+
+
 class Aggregates:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, deps: Collaborators) -> None:
         self.settings = settings
+        self.deps = deps
         self.items = {spec.name: Aggregate(spec) for spec in catalog.load_files(settings)}
         self.versions: dict[str, int] = {}
         self.by_table: dict[str, list[Aggregate]] = {}
@@ -77,14 +96,13 @@ class Aggregates:
         self.etags: dict[Hashable, tuple[tuple[int, ...], int, str]] = {}
         self.counters: dict[tuple[str, str], Any] = {}
         self.hits = self.misses = self.queries = 0
-        self.state: State | None = None
         self.ready = False
         self.exporter = export.Exporter()
 
     # -- lifecycle and versions --------------------------------------------------------
 
-    async def start(self, state: State) -> None:
-        self.state = state
+    async def start(self) -> None:
+        state = self.deps
         auth = state.auth.enabled
         async with state.pool.acquire() as conn:
             for aggregate in self.items.values():
@@ -128,13 +146,13 @@ class Aggregates:
             if self._bump(table, position):
                 for aggregate in self.by_table.get(table, ()):
                     invalidated[aggregate.name] = None
-        if self.state is not None:
+        if self.ready:
             for name in invalidated:
-                self.state.hub.publish_transient(f"aggregates/{name}", invalidation_frame(name))
+                self.deps.hub.publish_transient(invalidation(name))
 
-    async def on_resume(self, sub: Subscription, position: int, live_from: int) -> list[bytes]:
+    def on_resume(self, sub: Subscription, position: int) -> list[Transient]:
         """One ``aggregate.invalidated`` per subscribed aggregate whose tables changed since."""
-        return [invalidation_frame(name) for name, aggregate in self.items.items()
+        return [invalidation(name) for name, aggregate in self.items.items()
                 if any(covers(topic, aggregate.topic) for topic in sub.topics)
                 and any(self.versions.get(t, 0) > position for t in aggregate.tables)]
 
@@ -148,10 +166,10 @@ class Aggregates:
         return [Route("/aggregates", self.list_endpoint, methods=["GET", "HEAD"]),
                 Route("/aggregates/{name}", self.endpoint, methods=["GET", "HEAD"])]
 
-    def _state(self) -> State:
-        if self.state is None or not self.ready:
+    def _state(self) -> Collaborators:
+        if not self.ready:
             raise Unavailable("aggregates are not loaded yet")
-        return self.state
+        return self.deps
 
     async def list_endpoint(self, request: Request) -> Response:
         """The aggregates this caller may read: name, description, params, cache."""
@@ -301,8 +319,10 @@ class Aggregates:
             self.cache.put(key, entry)
         return entry
 
-    def openapi_paths(self, errors: dict[str, Any]) -> dict[str, Any]:
-        return catalog.openapi_paths(list(self.items.values()), errors)
+    def openapi_paths(self, errors: dict[str, Any],
+                      allows: Callable[[str], bool] | None = None) -> dict[str, Any]:
+        return catalog.openapi_paths([a for a in self.items.values()
+                                      if allows is None or allows(a.topic)], errors)
 
 
 class NotModified(Response):
@@ -315,5 +335,6 @@ class NotModified(Response):
         self.raw_headers = [*raw_headers, (b"etag", etag.encode())]
 
 
-def invalidation_frame(name: str) -> bytes:
-    return b'event: aggregate.invalidated\ndata: {"aggregate":"%s"}\n\n' % name.encode()
+def invalidation(name: str) -> Transient:
+    return Transient(f"aggregates/{name}", "aggregate.invalidated",
+                     b'{"aggregate":"%s"}' % name.encode())

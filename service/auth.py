@@ -38,7 +38,10 @@ class Principal:
     def require(self, topics: list[str] | tuple[str, ...]) -> None:
         denied = [topic for topic in topics if not self.allows(topic)]
         if denied:
-            raise Forbidden(f"token does not grant topic {denied[0]!r}", param="topic")
+            # Every denied topic is named, so a client sharing one connection among several
+            # subscriptions can tell exactly which ones to report.
+            raise Forbidden(f"token does not grant topic {denied[0]!r}", param="topic",
+                            details={"topics": denied})
 
 
 ANONYMOUS = Principal(grants=("*",))
@@ -78,7 +81,10 @@ class Authenticator:
     def verify(self, token: str) -> Principal:
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthorized("token too large")
-        options = {"require": ["exp"], "verify_aud": self.settings.auth_audience is not None}
+        # Time claims are checked here, not by PyJWT (which takes numeric strings and raises
+        # on odd values): RFC 7519 NumericDates only, then expiry and not-before.
+        options = {"require": ["exp"], "verify_aud": self.settings.auth_audience is not None,
+                   "verify_exp": False, "verify_nbf": False, "verify_iat": False}
         last_error: Exception | None = None
         for key in self.keys:
             try:
@@ -95,21 +101,40 @@ class Authenticator:
                 raise Unauthorized("token expired", code="token_expired") from exc
             except jwt.PyJWTError as exc:
                 raise Unauthorized(f"invalid token: {exc}", code="invalid_token") from exc
+            except (ValueError, TypeError, OverflowError) as exc:
+                # PyJWT converts time claims with int(): an infinite or odd value raises
+                # here. No token content may cause a 5xx.
+                raise Unauthorized("invalid token: malformed time claim",
+                                   code="invalid_token") from exc
         else:
             raise Unauthorized("invalid token: bad signature", code="invalid_token") from last_error
         topics = claims.get("topics", [])
         if not isinstance(topics, list) or not all(isinstance(t, str) for t in topics):
             raise Unauthorized("invalid token: claim 'topics' must be an array of strings",
                                code="invalid_token")
+        # PyJWT also takes numeric strings ("1700000000") and any integer: the stream's end
+        # depends on ``exp``, so time claims must be RFC 7519 NumericDates, in range.
+        for name in ("exp", "nbf", "iat"):
+            if name in claims and not numeric_date(claims[name]):
+                raise Unauthorized(f"invalid token: claim {name!r} must be a number of seconds "
+                                   f"from 0 to {MAX_EXPIRES_AT}", code="invalid_token")
         exp = claims["exp"]
-        # PyJWT also takes a numeric string ("1700000000"): the stream's end depends on
-        # ``exp``, so it must be the JSON number RFC 7519 asks for.
-        if isinstance(exp, bool) or not isinstance(exp, int | float):
-            raise Unauthorized("invalid token: claim 'exp' must be a number", code="invalid_token")
+        now = time.time()
+        if exp <= now:
+            raise Unauthorized("token expired", code="token_expired")
+        if "nbf" in claims and claims["nbf"] > now:
+            raise Unauthorized("invalid token: not valid yet (nbf)", code="invalid_token")
         sub = claims.get("sub")
         return Principal(grants=tuple(topics), claims=claims,
-                         expires_at=float(min(exp, MAX_EXPIRES_AT)),
+                         expires_at=float(exp),
                          subject=str(sub) if sub is not None else None)
+
+
+def numeric_date(value: Any) -> bool:
+    """A JSON number (not a string, not a boolean), finite, from 0 to ``MAX_EXPIRES_AT``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 <= value <= MAX_EXPIRES_AT
 
 
 def mint(secret: str, topics: list[str], ttl: float, extra: dict[str, Any] | None = None) -> str:

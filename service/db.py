@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from .errors import Unavailable
 from .settings import SQL_DIR
 
 log = logging.getLogger("pgsse.db")
@@ -61,16 +62,69 @@ async def wait_for_pool(url: str, stop: asyncio.Event | None = None, **kwargs: A
             delay = min(delay * 2, 5.0)
 
 
+MIGRATION_LOCK = 7013170583925
+
+
+class MigrationError(RuntimeError):
+    """The package ships no migrations (a broken install): nothing would be created."""
+
+
+class Database:
+    """The connection pool, once there is one: it is created in the background (retried
+    while PostgreSQL is down), and until then every user gets ``Unavailable`` (503)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise Unavailable("the database is not connected yet")
+        return self._pool
+
+    @property
+    def connected(self) -> bool:
+        return self._pool is not None
+
+    async def connect(self, stop: asyncio.Event, **kwargs: Any) -> asyncpg.Pool:
+        self._pool = await wait_for_pool(self.url, stop, **kwargs)
+        return self._pool
+
+    async def close(self, seconds: float = 3.0) -> None:
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=seconds)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self._pool.terminate()
+
+
 def migration_files() -> list[Path]:
     return sorted((SQL_DIR / "migrations").glob("*.sql"))
 
 
 async def migrate(conn: Connection) -> list[str]:
-    """Apply every migration file (each is idempotent) under one advisory lock."""
+    """Apply each migration not applied yet, in name order, once, under one advisory lock.
+
+    Applied names are recorded in ``realtime.migrations``. Files are append-only: a
+    database migrated by an older pgsse has 001 (idempotent) re-applied once and recorded.
+    """
+    files = migration_files()
+    if not files:
+        raise MigrationError(f"no migration files under {SQL_DIR / 'migrations'}: the pgsse "
+                             "installation is incomplete (its SQL is package data)")
     applied = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(7013170583925)")
-        for path in migration_files():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(
+            "CREATE SCHEMA IF NOT EXISTS realtime;"
+            "CREATE TABLE IF NOT EXISTS realtime.migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
+        done = {row["name"] for row in await conn.fetch("SELECT name FROM realtime.migrations")}
+        for path in files:
+            if path.name in done:
+                continue
             await conn.execute(path.read_text())
+            await conn.execute("INSERT INTO realtime.migrations (name) VALUES ($1)", path.name)
             applied.append(path.name)
     return applied

@@ -13,6 +13,8 @@ Every error body is ``{"error": {"code", "message", "param"?}}``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from starlette.responses import JSONResponse
 
 
@@ -23,18 +25,21 @@ class PgsseError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, code: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.param = param
         self.headers = headers or {}
+        self.details = details or {}
 
-    def body(self) -> dict[str, dict[str, str]]:
-        error = {"code": self.code, "message": self.message}
+    def body(self) -> dict[str, dict[str, Any]]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
         if self.param is not None:
             error["param"] = self.param
+        error.update(self.details)
         return {"error": error}
 
     def response(self) -> JSONResponse:

@@ -22,15 +22,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
-from . import metrics
-from .hub import Event, Hub
+from . import db, metrics
+from .hub import Event, Hub, Subscription
 from .settings import Settings
 
 log = logging.getLogger("pgsse.feed")
@@ -42,14 +45,49 @@ IDLE_POLL_SECONDS = 0.1
 PRUNE_EVERY_SECONDS = 60.0
 BUSY_BATCH = 50  # rows per batch above which the sequencer polls 4x less often
 
-# Anything going wrong on a feed connection (asyncpg raises several kinds, including
-# InternalClientError when a backend is killed mid-query) means: reconnect and catch up.
-CONNECTION_ERRORS = (Exception,)
+REGISTER_EVERY_SECONDS = 2.0
 
+# What a lost or killed feed connection raises (asyncpg raises InternalClientError when a
+# backend is killed mid-query). These mean "reconnect and catch up"; anything else is a bug,
+# logged with its traceback (and the feed still reconnects: it must not stay down).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
+# Rows after the cursor and the pruned watermark, read in ONE statement (one snapshot):
+# prune deletes rows and raises ``pruned_through`` in one transaction, so either the rows
+# are here or ``pruned_through`` says they are gone. Never a silent gap.
 READ_SQL = """
-SELECT position, topics, type, tbl, payload::text AS payload,
-       extract(epoch FROM created_at)::float8 AS created_at
-FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
+SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
+FROM realtime.sequencer s
+LEFT JOIN LATERAL (
+    SELECT position, topics, type, tbl, payload::text AS payload,
+           extract(epoch FROM created_at)::float8 AS created_at
+    FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
+) e ON true
+WHERE s.id = 1
+"""
+
+REPLAY_BATCH = 1000
+REPLAY_SQL = """
+SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
+FROM realtime.sequencer s
+LEFT JOIN LATERAL (
+    SELECT position, topics, type, tbl, payload::text AS payload,
+           extract(epoch FROM created_at)::float8 AS created_at
+    FROM realtime.events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
+) e ON true
+WHERE s.id = 1
+"""
+HEAD_SQL = "SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1"
+EVENT_SQL = """
+SELECT position, topics, type, payload::text AS payload FROM realtime.events WHERE position = $1
+"""
+
+REGISTER_SQL = """
+INSERT INTO realtime.readers (name, position, seen_at) VALUES ($1, $2, clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, seen_at = EXCLUDED.seen_at
 """
 
 
@@ -70,13 +108,14 @@ class Backoff:
 
 
 class EventDecoder:
-    """Database rows → ``Event``; oversized payloads become truncated events with the key."""
+    """Database rows → ``Event``; oversized payloads become truncated events with the key,
+    the position, the size, and where to fetch the whole event (``GET /events/<position>``)."""
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
         self.key_columns: dict[str, list[str]] = {}
 
-    async def load_keys(self, conn: asyncpg.Connection) -> None:
+    async def load_keys(self, conn: db.Connection) -> None:
         rows = await conn.fetch(
             "SELECT n.nspname || '.' || c.relname AS tbl, w.key_columns "
             "FROM realtime.watches w JOIN pg_class c ON c.oid = w.tbl "
@@ -88,46 +127,126 @@ class EventDecoder:
         payload: str = row["payload"]
         data = payload.encode()
         if len(data) > self.max_event_bytes:
-            data = self.truncate(payload, row["tbl"])
+            data = self.truncate(row["position"], row["topics"], payload, row["tbl"], len(data))
         return Event.build(row["position"], row["topics"], row["type"], data,
                            row["created_at"], row["tbl"])
 
-    def truncate(self, payload: str, table: str | None) -> bytes:
+    def truncate(self, position: int, topics: list[str], payload: str, table: str | None,
+                 size: int) -> bytes:
         body = json.loads(payload)
-        if not isinstance(body, dict) or table is None:
-            return json.dumps({"truncated": True}).encode()
-        source = body.get("row") or body.get("old") or {}
-        key = {col: source.get(col) for col in self.key_columns.get(table, [])}
-        slim = {k: body.get(k) for k in ("topic", "op", "table", "ts")}
-        slim.update({"row": None, "old": None, "truncated": True, "key": key})
+        slim: dict[str, Any] = {}
+        if isinstance(body, dict) and table is not None:
+            source = body.get("row") or body.get("old") or {}
+            key = {col: source.get(col) for col in self.key_columns.get(table, [])}
+            slim = {k: body.get(k) for k in ("topic", "op", "table", "ts")}
+            slim.update({"row": None, "old": None, "key": key})
+        else:
+            slim["topic"] = topics[0] if topics else None
+        slim.update({"truncated": True, "position": position, "bytes": size,
+                     "href": f"/events/{position}"})
         return json.dumps(slim, separators=(",", ":")).encode()
 
 
+@dataclass(slots=True)
+class HistoryRead:
+    frames: list[bytes]   # the subscription's frames in the range read
+    upto: int             # the last position the read covered
+    pruned: bool          # positions after the asked one are gone: the caller must reset
+
+
+class History:
+    """Reads of ``realtime.events`` for streams (replay and catch-up), through the pool.
+
+    Every read returns the rows *and* ``pruned_through`` from one statement, hence one
+    snapshot: prune deletes rows and raises the watermark in one transaction, so a read
+    either has the rows or knows they are gone. Never a silent gap.
+    """
+
+    def __init__(self, database: db.Database, decoder: EventDecoder,
+                 batch: int = REPLAY_BATCH) -> None:
+        self.database = database
+        self.decoder = decoder
+        self.batch = batch
+
+    async def bounds(self) -> tuple[int, int]:
+        """The sequencer's head and the pruned watermark."""
+        row = await self.database.pool.fetchrow(HEAD_SQL)
+        assert row is not None
+        return row["last_position"], row["pruned_through"]
+
+    async def read(self, sub: Subscription, after: int, until: int) -> HistoryRead:
+        rows = await self.database.pool.fetch(REPLAY_SQL, after, until, self.batch)
+        if rows[0]["pruned_through"] > after:
+            return HistoryRead([], after, True)
+        wanted = sub.topic_set
+        frames = []
+        upto = until
+        for row in rows:
+            if row["position"] is None:
+                break
+            event = self.decoder.decode(row)
+            upto = event.position
+            for key, _ in event.keys:
+                if key in wanted:
+                    frames.append(event.frame_for(sub))
+                    break
+        if len(rows) < self.batch:
+            upto = until  # the whole range was read
+        return HistoryRead(frames, upto, False)
+
+    async def event(self, position: int) -> Any:
+        """One event, whole (``GET /events/<position>``), or None when absent or pruned."""
+        return await self.database.pool.fetchrow(EVENT_SQL, position)
+
+
 class Listener:
-    def __init__(self, settings: Settings, url: str, hub: Hub) -> None:
+    def __init__(self, settings: Settings, url: str, hub: Hub, decoder: EventDecoder) -> None:
         self.settings = settings
         self.url = url
         self.hub = hub
-        self.decoder = EventDecoder(settings.max_event_bytes)
+        self.decoder = decoder
         self.connected = False
         self.cursor: int | None = None
         self.head = 0
         self.last_read = 0.0
+        # Since when the head has been ahead of the cursor (None: caught up). NOTIFY raises
+        # the head a moment before the rows are read, so "behind" alone is normal.
+        self.behind_since: float | None = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.registered_at = 0.0
         self._wake = asyncio.Event()
         self.started = asyncio.Event()
         # Called with each batch after the hub has it (aggregates track table versions).
         self.on_batch: list[Callable[[list[Event]], None]] = []
 
     @property
+    def lag_seconds(self) -> float:
+        """How long the feed has been behind the sequencer's head (0 when caught up)."""
+        if self.behind_since is None:
+            return 0.0
+        return time.monotonic() - self.behind_since
+
+    @property
     def caught_up(self) -> bool:
+        """Connected, reading, and not behind for longer than ``READY_MAX_LAG``."""
         return (
-            self.connected and self.cursor is not None and self.cursor >= self.head
+            self.connected and self.cursor is not None
+            and self.lag_seconds <= self.settings.ready_max_lag_seconds
             and time.monotonic() - self.last_read < 5 * SAFETY_POLL_SECONDS
         )
 
+    def _advance_head(self, head: int) -> None:
+        if head > self.head:
+            self.head = head
+        if self.cursor is not None and self.head > self.cursor:
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+        else:
+            self.behind_since = None
+
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: object) -> None:
         if isinstance(payload, str) and payload.isdigit():
-            self.head = max(self.head, int(payload))
+            self._advance_head(int(payload))
         self._wake.set()
 
     def _on_terminate(self, _conn: Any) -> None:
@@ -148,7 +267,7 @@ class Listener:
                 if self.cursor is None:
                     self.cursor = head
                     self.hub.position = head
-                self.head = max(self.head, head)
+                self._advance_head(head)
                 self.connected = True
                 metrics.FEED_UP.set(1)
                 if not first:
@@ -169,12 +288,15 @@ class Listener:
                         stopper.cancel()
                     if conn.is_closed():
                         raise asyncpg.InterfaceError("feed connection closed")
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:
                 if stop.is_set():
                     break
                 if self.connected:
                     metrics.FEED_RECONNECTS.inc()
-                log.warning("change feed lost", extra={"event": "feed_lost", "error": repr(exc)})
+                if isinstance(exc, CONNECTION_ERRORS):
+                    log.warning("change feed lost", extra={"event": "feed_lost", "error": repr(exc)})
+                else:
+                    log.error("change feed failed", exc_info=exc, extra={"event": "feed_error"})
                 await backoff.sleep(stop)
             finally:
                 self.connected = False
@@ -191,15 +313,25 @@ class Listener:
         while True:
             rows = await conn.fetch(READ_SQL, self.cursor, BATCH)
             self.last_read = time.monotonic()
+            pruned_through: int = rows[0]["pruned_through"]
+            if pruned_through > self.cursor:
+                # Positions after the cursor were pruned before this replica read them (it
+                # was away, or an operator pruned everything): every live client is told.
+                log.warning("history pruned before it was read", extra={
+                    "event": "feed_gap", "cursor": self.cursor, "pruned_through": pruned_through})
+                metrics.FEED_GAPS.inc()
+                self.cursor = pruned_through
+                self.hub.gap(pruned_through)
+            rows = [row for row in rows if row["position"] is not None]
             if not rows:
-                self.head = max(self.head, self.cursor)
+                self._advance_head(self.cursor)
                 break
             if any(row["tbl"] is not None and row["tbl"] not in self.decoder.key_columns
                    and len(row["payload"]) > self.settings.max_event_bytes for row in rows):
                 await self.decoder.load_keys(conn)
             events = [self.decoder.decode(row) for row in rows]
             self.cursor = events[-1].position
-            self.head = max(self.head, self.cursor)
+            self._advance_head(self.cursor)
             metrics.EVENTS_READ.inc(len(events))
             metrics.FEED_LAG_SECONDS.set(max(0.0, time.time() - events[-1].created_at))
             self.hub.fanout(events)
@@ -208,6 +340,10 @@ class Listener:
             if len(rows) < BATCH:
                 break
         metrics.FEED_LAG_POSITIONS.set(max(0, self.head - self.cursor))
+        if time.monotonic() - self.registered_at >= REGISTER_EVERY_SECONDS:
+            # Automatic pruning never removes what this replica has not read yet.
+            await conn.execute(REGISTER_SQL, self.name, self.cursor)
+            self.registered_at = time.monotonic()
 
 
 class Sequencer:
@@ -242,10 +378,14 @@ class Sequencer:
                 backoff.reset()
                 await conn.add_listener("realtime_wakeup", self._on_wakeup)
                 await self.lead(conn, stop)
-            except CONNECTION_ERRORS as exc:
+            except Exception as exc:
                 if stop.is_set():
                     break
-                log.warning("sequencer connection lost", extra={"event": "sequencer_lost", "error": repr(exc)})
+                if isinstance(exc, CONNECTION_ERRORS):
+                    log.warning("sequencer connection lost",
+                                extra={"event": "sequencer_lost", "error": repr(exc)})
+                else:
+                    log.error("sequencer failed", exc_info=exc, extra={"event": "sequencer_error"})
                 await backoff.sleep(stop)
             finally:
                 self.leader = False
@@ -265,7 +405,7 @@ class Sequencer:
         next_prune = time.monotonic() + 5.0
         idle_since: float | None = None
         while not stop.is_set():
-            moved = await conn.fetchval("SELECT realtime.sequence_v1($1)", BATCH)
+            moved = await conn.fetchval("SELECT realtime.sequence_v2($1)", BATCH)
             now = time.monotonic()
             if moved:
                 metrics.EVENTS_SEQUENCED.inc(moved)
@@ -313,7 +453,7 @@ class Sequencer:
 
     async def prune(self, conn: asyncpg.Connection) -> None:
         retention = self.settings.history_retention_seconds
-        removed = await conn.fetchval("SELECT realtime.prune(make_interval(secs => $1))", retention)
+        removed = await conn.fetchval("SELECT realtime.prune_retained(make_interval(secs => $1))", retention)
         if removed:
             metrics.HISTORY_PRUNED.inc(removed)
             log.info("history pruned", extra={"event": "history_pruned", "removed": removed})

@@ -2,37 +2,80 @@
 
 Protocol:
 - The feed hands the hub batches of ``Event`` in position order (``fanout``). Each event was
-  encoded to its SSE frame once; the same bytes object goes into every matching
-  subscription's buffer. Subscriptions are indexed by topic, and an event is looked up under
-  each prefix of each of its topics, so the work per event is proportional to the number
-  of subscribers it reaches, not to the number of subscriptions.
-- A subscription buffers frames up to ``limit`` bytes. Over the bound it is closed as
-  ``slow`` and its buffer dropped: its client reconnects with the last id it really
-  received and replays the rest from history, so memory stays bounded and nothing is lost.
+  encoded to its SSE frame once; the same bytes object goes to every matching subscription.
+  Subscriptions are indexed by topic, and an event is looked up under each prefix of each of
+  its topics, so the work per event is proportional to the subscribers it reaches.
+- The hub also keeps the latest events (``recent``, positions contiguous up to ``position``,
+  bounded in bytes as really held). It is the shared log streams catch up from.
+- A subscription is in one of four states (``SubState``). Only a ``LIVE`` one receives from
+  ``fanout``: the hub writes to its socket itself, synchronously, in chunks of at most
+  ``chunk_bytes``. When a write would block (the client's socket is full — a big transaction,
+  a slow network), the hub does not drop the client and holds no copy: the subscription goes
+  ``CATCHING_UP`` at the last position written, and its stream's task reads the rest from
+  ``recent`` (or history) by cursor, awaiting each write, until it is level again. A client
+  is dropped as ``slow`` only when it stays behind for ``SLOW_CLIENT_SECONDS``.
 - ``subscribe`` is synchronous: the caller learns ``hub.position`` at the same instant it
-  starts receiving, so "replay up to that position, then live" has no gap and no overlap.
-- A subscription skips events at or below its ``cursor`` (a client may resume from a
-  position this replica has not fanned out yet).
+  starts being tracked; a subscription starts ``REPLAYING`` and goes live only through
+  ``go_live`` with no await between the check "cursor == position" and the switch, so
+  "replay up to the position, then live" has no gap and no overlap.
+- Close reasons are ``CloseReason`` values; ``close`` is the one place a subscription ends.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
+import json
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from starlette.types import Send
 
 from . import metrics
-from .topics import prefixes
-
-if TYPE_CHECKING:
-    from starlette.types import Send
+from .topics import covers, prefixes
 
 HEARTBEAT = b": keep-alive\n\n"
+DEFAULT_CHUNK = 64 * 1024
+
+
+class SubState(enum.Enum):
+    REPLAYING = "replaying"      # the stream's task writes history; the hub skips it
+    LIVE = "live"                # the hub writes each batch directly
+    CATCHING_UP = "catching_up"  # its socket was full: the task reads the shared log by cursor
+    CLOSED = "closed"
+
+
+class CloseReason(enum.Enum):
+    """Why a stream ended (the ``pgsse_streams_ended_total`` label)."""
+
+    DISCONNECT = "disconnect"          # the client left
+    SLOW = "slow"                      # behind for longer than SLOW_CLIENT_SECONDS
+    MAX_AGE = "max_age"                # STREAM_MAX_SECONDS reached: retry and resume
+    AUTH_EXPIRED = "auth_expired"      # the token expired: fetch a new one and resume
+    SHUTDOWN = "shutdown"              # SIGTERM: reconnect elsewhere
+    HISTORY_UNAVAILABLE = "history_unavailable"  # replay could not read the database
+    ERROR = "error"                    # the server failed to write
+
+
+def _safe_field(value: str) -> bytes:
+    """An SSE field value can never carry CR, LF or NUL (they would forge fields)."""
+    raw = value.encode()
+    if b"\n" in raw or b"\r" in raw or b"\0" in raw:
+        raw = raw.replace(b"\r", b"\\r").replace(b"\n", b"\\n").replace(b"\0", b"\\0")
+    return raw
+
+
+def _safe_data(data: bytes) -> bytes:
+    # JSON text from PostgreSQL is one line; anything else is escaped rather than trusted.
+    if b"\n" in data or b"\r" in data:
+        data = data.replace(b"\r", b"\\r").replace(b"\n", b"\\n")
+    return data
 
 
 @dataclass(slots=True)
@@ -43,7 +86,11 @@ class Event:
     frame: bytes
     created_at: float
     table: str | None
-    keys: tuple[str, ...]
+    # (prefix, index of the event topic it is a prefix of), each prefix once
+    keys: tuple[tuple[str, int], ...]
+    data: bytes
+    size: int = 0
+    _enveloped: list[bytes | None] = field(default_factory=list)
 
     @classmethod
     def build(
@@ -51,71 +98,119 @@ class Event:
         table: str | None,
     ) -> Event:
         topics = tuple(topics)
-        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (position, type_.encode(), data)
-        keys: dict[str, None] = {}
-        for topic in topics:
+        data = _safe_data(data)
+        frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (position, _safe_field(type_), data)
+        keys: dict[str, int] = {}
+        for index, topic in enumerate(topics):
             for key in prefixes(topic):
-                keys[key] = None
-        return cls(position, topics, type_, frame, created_at, table, tuple(keys))
+                keys.setdefault(key, index)
+        event = cls(position, topics, type_, frame, created_at, table, tuple(keys.items()), data)
+        # What the replay window really holds for this event, not just its frame.
+        event.size = (sys.getsizeof(frame) + sys.getsizeof(data) + 200
+                      + sum(sys.getsizeof(k) + 72 for k in keys)
+                      + sum(sys.getsizeof(t) for t in topics))
+        return event
+
+    def enveloped(self, index: int) -> bytes:
+        """The frame with ``data: {"topic": T, "data": D}`` (``envelope=1``), made once."""
+        cache = self._enveloped
+        if not cache:
+            cache.extend([None] * len(self.topics))
+        frame = cache[index]
+        if frame is None:
+            frame = b'id: %d\nevent: %s\ndata: {"topic":%s,"data":%s}\n\n' % (
+                self.position, _safe_field(self.type),
+                json.dumps(self.topics[index]).encode(), self.data)
+            cache[index] = frame
+        return frame
+
+    def frame_for(self, sub: Subscription) -> bytes:
+        if not sub.envelope:
+            return self.frame
+        for key, index in self.keys:
+            if key in sub.topic_set:
+                return self.enveloped(index)
+        return self.enveloped(0)
+
+
+@dataclass(slots=True)
+class Transient:
+    """An event without a position (``aggregate.invalidated``, ``reset``, ``auth_expired``)."""
+
+    topic: str | None
+    type: str
+    data: bytes
+    position: int | None = None
+
+    def frame(self, envelope: bool) -> bytes:
+        data = self.data
+        if envelope:
+            data = b'{"topic":%s,"data":%s}' % (json.dumps(self.topic).encode(), data)
+        head = b"id: %d\n" % self.position if self.position is not None else b""
+        return b"%sevent: %s\ndata: %s\n\n" % (head, _safe_field(self.type), _safe_data(data))
+
+
+def reset_event(position: int, reason: str) -> Transient:
+    return Transient(None, "reset", json.dumps({"reason": reason}).encode(), position)
 
 
 class Subscription:
-    """One client's live feed: a bounded byte buffer, then direct writes.
-
-    While the stream replays history, frames wait in ``buffer`` and the stream's task is
-    woken to write them. Once live, the stream hands over its ASGI ``send`` (``direct``) and
-    the hub writes each batch itself, synchronously: with the socket accepting data an ASGI
-    server's send completes without suspending, so a write costs no task switch. A send that
-    would suspend means the client's socket and the server's buffer are full — the client
-    cannot keep up — so the write is abandoned and the subscription closed as ``slow``.
-    """
+    """One client's stream as the hub sees it. State changes only through its methods."""
 
     __slots__ = (
-        "topics", "cursor", "limit", "buffer", "size", "first_at", "waiter", "closed",
-        "last_write", "ends_at", "mark", "client_key", "task", "sending", "direct", "parked",
+        "topics", "topic_set", "envelope", "cursor", "state", "reason", "send", "pending",
+        "pending_bytes", "first_at", "last_write", "ends_at", "client_key", "mark", "wakeup",
+        "behind_since", "transients", "chunk_bytes",
     )
 
-    def __init__(self, topics: tuple[str, ...], cursor: int, limit: int, ends_at: float,
-                 client_key: str = "") -> None:
+    def __init__(self, topics: tuple[str, ...], cursor: int, ends_at: float,
+                 client_key: str = "", envelope: bool = False,
+                 chunk_bytes: int = DEFAULT_CHUNK) -> None:
         self.topics = topics
-        self.cursor = cursor
-        self.limit = limit
-        self.buffer: list[bytes] = []
-        self.size = 0
+        self.topic_set = frozenset(topics)
+        self.envelope = envelope
+        self.cursor = cursor            # the last position handed to this client
+        self.state = SubState.REPLAYING
+        self.reason: CloseReason | None = None
+        self.send: Send | None = None   # set while LIVE: the hub writes through it
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
         self.first_at = 0.0
-        self.waiter: asyncio.Future[None] | None = None
-        self.closed: str | None = None
         self.last_write = time.monotonic()
         self.ends_at = ends_at
-        self.mark = 0
         self.client_key = client_key
-        # The stream's task, and whether it is blocked writing to a full socket: a slow
-        # client's write can block forever, so closing it as slow cancels that write.
-        self.task: asyncio.Task[object] | None = None
-        self.sending = False
-        self.direct: Send | None = None
-        self.parked = False  # the stream's task is waiting for the client to leave
+        self.mark = 0
+        self.wakeup: asyncio.Event = asyncio.Event()
+        self.behind_since = time.monotonic()
+        self.transients: dict[str, Transient] = {}
+        self.chunk_bytes = chunk_bytes
+
+    @property
+    def closed(self) -> bool:
+        return self.state is SubState.CLOSED
 
     def push(self, frame: bytes, created_at: float = 0.0) -> None:
-        if self.closed is not None:
-            return
-        if not self.buffer:
+        if not self.pending:
             self.first_at = created_at
-        self.buffer.append(frame)
-        self.size += len(frame)
-        if self.size > self.limit:
-            self.close("slow")
+        self.pending.append(frame)
+        self.pending_bytes += len(frame)
 
     def flush(self) -> None:
-        """Write what is buffered now (live), or wake the stream's task (replaying)."""
-        if self.direct is None or not self.buffer or self.closed is not None:
-            self.wake()
+        """Write what is pending now; if the socket is full, fall back to catching up."""
+        if self.state is not SubState.LIVE or not self.pending:
+            self.pending.clear()
+            self.pending_bytes = 0
             return
+        pending = self.pending
+        chunk = pending[0] if len(pending) == 1 else b"".join(pending)
+        count = len(pending)
         first_at = self.first_at
-        count = len(self.buffer)
-        chunk = self.take()
+        self.pending = []
+        self.pending_bytes = 0
+        send = self.send
+        assert send is not None
         write = cast(Coroutine[Any, Any, None],
-                     self.direct({"type": "http.response.body", "body": chunk, "more_body": True}))
+                     send({"type": "http.response.body", "body": chunk, "more_body": True}))
         try:
             write.send(None)
         except StopIteration:
@@ -123,60 +218,72 @@ class Subscription:
             metrics.observe_delivery(count, first_at)
             return
         except Exception:
-            self.close("error")
+            self.close(CloseReason.ERROR)
             return
-        write.close()  # it suspended: the socket is full
-        self.close("slow")
+        # It suspended before writing (the server waits for the socket to drain): nothing
+        # of ``chunk`` went out. Rewind to the last position written and let the stream's
+        # task catch up from the shared log, awaiting the socket.
+        write.close()
+        self.fall_behind(self.written_through(chunk))
 
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def written_through(self, unsent: bytes) -> int:
+        """The last position fully written before ``unsent``: the first ``id:`` in it, less one."""
+        start = unsent.find(b"id: ")
+        while start > 0 and unsent[start - 1:start] != b"\n":
+            start = unsent.find(b"id: ", start + 1)
+        if start < 0:
+            return self.cursor
+        end = unsent.index(b"\n", start)
+        return int(unsent[start + 4:end]) - 1
 
-    def close(self, reason: str) -> None:
-        if self.closed is None:
-            if reason == "slow":
-                metrics.SLOW_CLIENTS_DROPPED.inc()
-            self.closed = reason
-            self.direct = None
-            self.buffer.clear()
-            self.size = 0
-            self.wake()
-            if self.task is not None and (
-                    (self.parked and reason != "disconnect")
-                    or (self.sending and reason in ("slow", "shutdown"))):
-                self.task.cancel()
+    def fall_behind(self, position: int) -> None:
+        self.cursor = position
+        self.state = SubState.CATCHING_UP
+        self.send = None
+        self.behind_since = time.monotonic()
+        metrics.CATCHUPS.inc()
+        self.wakeup.set()
 
-    async def wait(self) -> None:
-        """Return once something is buffered or the subscription is closed."""
-        while not self.buffer and self.closed is None:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+    def go_live(self, send: Send) -> None:
+        """Called by the stream's task when level with the hub, with no await since the check."""
+        if self.state is SubState.CLOSED:
+            return
+        self.state = SubState.LIVE
+        self.send = send
+        if self.transients:
+            for transient in self.transients.values():
+                self.push(transient.frame(self.envelope))
+            self.transients.clear()
+            self.flush()
 
-    async def wait_closed(self) -> None:
-        while self.closed is None:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
+    def deliver_transient(self, transient: Transient) -> None:
+        if self.state is SubState.LIVE:
+            self.push(transient.frame(self.envelope), time.time())
+            self.flush()
+        elif self.state is not SubState.CLOSED:
+            # Delivered once the stream is live again (one per topic: they only invalidate).
+            self.transients[f"{transient.topic}\0{transient.type}"] = transient
 
-    def take(self) -> bytes:
-        """Everything buffered, as one chunk (coalesced into one write)."""
-        chunk = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
-        self.buffer.clear()
-        self.size = 0
-        return chunk
+    def close(self, reason: CloseReason) -> None:
+        """End the subscription; the stream's task wakes, writes the ending and returns."""
+        if self.state is SubState.CLOSED:
+            return
+        if reason is CloseReason.SLOW:
+            metrics.SLOW_CLIENTS_DROPPED.inc()
+        self.state = SubState.CLOSED
+        self.reason = reason
+        self.send = None
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.transients.clear()
+        self.wakeup.set()
 
 
 class Hub:
-    def __init__(self, position: int = 0, recent_bytes: int = 8 << 20) -> None:
+    def __init__(self, position: int = 0, recent_bytes: int = 32 << 20) -> None:
         self.position = position
-        # The latest events, positions contiguous up to ``position``: most resumes (a
-        # reconnect, a deploy) are served from here without touching the database.
+        # The latest events, positions contiguous up to ``position``: most resumes and every
+        # catch-up are served from here without touching the database.
         self.recent: deque[Event] = deque()
         self.recent_bytes = 0
         self.recent_limit = recent_bytes
@@ -189,7 +296,7 @@ class Hub:
         return len(self.subscriptions)
 
     def subscribe(self, sub: Subscription) -> int:
-        """Start delivering to ``sub``; returns the position it is live from."""
+        """Track ``sub`` (``REPLAYING``); returns the hub's position at this instant."""
         self.subscriptions.add(sub)
         for topic in sub.topics:
             self._index.setdefault(topic, set()).add(sub)
@@ -210,37 +317,41 @@ class Hub:
         return len(self._index)
 
     def fanout(self, events: list[Event]) -> None:
-        """Hand each event's frame to every matching subscription; wake each once."""
+        """Write each event's frame to every live matching subscription, in chunks."""
         if not events:
             return
         started = time.perf_counter()
         index = self._index
+        live = SubState.LIVE
         touched: list[Subscription] = []
         for event in events:
             self._tick += 1
             tick = self._tick
             position = event.position
-            frame = event.frame
-            for key in event.keys:
+            self._remember(event)
+            for key, _ in event.keys:
                 subs = index.get(key)
                 if not subs:
                     continue
                 for sub in subs:
-                    if sub.mark == tick or sub.cursor >= position or sub.closed is not None:
+                    if sub.mark == tick or sub.state is not live or sub.cursor >= position:
                         continue
                     sub.mark = tick
                     sub.cursor = position
-                    if not sub.buffer:
+                    if not sub.pending:
                         touched.append(sub)
-                    sub.push(frame, event.created_at)
-            if position > self.position:
-                self.position = position
-            self._remember(event)
+                    sub.push(event.frame if not sub.envelope else event.frame_for(sub),
+                             event.created_at)
+                    if sub.pending_bytes >= sub.chunk_bytes:
+                        sub.flush()
         for sub in touched:
-            sub.flush()
+            if sub.pending:
+                sub.flush()
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
 
     def _remember(self, event: Event) -> None:
+        if event.position > self.position:
+            self.position = event.position
         recent = self.recent
         if recent and recent[-1].position + 1 != event.position:
             recent.clear()  # keep the window contiguous
@@ -248,59 +359,91 @@ class Hub:
         if not self.recent_limit:
             return
         recent.append(event)
-        self.recent_bytes += len(event.frame)
+        self.recent_bytes += event.size
         while self.recent_bytes > self.recent_limit and len(recent) > 1:
-            self.recent_bytes -= len(recent.popleft().frame)
+            self.recent_bytes -= recent.popleft().size
 
-    def replay_from_memory(self, after: int, until: int, topics: tuple[str, ...]) -> list[bytes] | None:
-        """Frames of ``(after, until]`` matching ``topics``, or ``None`` if not all in memory."""
+    def gap(self, position: int) -> None:
+        """History up to ``position`` was pruned before this process read it: every stream
+        that may have missed something gets ``reset`` and continues after ``position``."""
+        self.recent.clear()
+        self.recent_bytes = 0
+        if position > self.position:
+            self.position = position
+        reset = reset_event(position, "history_expired")
+        for sub in list(self.subscriptions):
+            if sub.state is SubState.LIVE and sub.cursor < position:
+                sub.cursor = position
+                sub.push(reset.frame(sub.envelope))
+                sub.flush()
+            # REPLAYING / CATCHING_UP streams read by cursor and find the gap themselves.
+
+    def read_recent(self, after: int, until: int, sub: Subscription,
+                    max_bytes: int) -> tuple[list[bytes], int] | None:
+        """Frames for ``sub`` in ``(after, until]`` from memory, at most about ``max_bytes``;
+        with the last position covered. ``None`` when ``after + 1`` is not in memory."""
         recent = self.recent
-        if not recent or recent[0].position > after + 1 or recent[-1].position < until:
+        if not recent or recent[0].position > after + 1 or recent[-1].position <= after:
             return None
-        wanted = set(topics)
-        start = after + 1 - recent[0].position
-        frames = []
-        for event in itertools.islice(recent, start, None):
-            if event.position > until:
+        wanted = sub.topic_set
+        frames: list[bytes] = []
+        size = 0
+        upto = after
+        for event in itertools.islice(recent, after + 1 - recent[0].position, None):
+            if event.position > until or size >= max_bytes:
                 break
-            if not wanted.isdisjoint(event.keys):
-                frames.append(event.frame)
-        return frames
+            upto = event.position
+            for key, _ in event.keys:
+                if key in wanted:
+                    frame = event.frame_for(sub)
+                    frames.append(frame)
+                    size += len(frame)
+                    break
+        return frames, upto
 
-    def publish_transient(self, topic: str, frame: bytes) -> None:
-        """An event without a position (e.g. ``aggregate.invalidated``) to live streams."""
+    def publish_transient(self, transient: Transient) -> None:
+        """An event without a position (``aggregate.invalidated``) to matching streams."""
+        assert transient.topic is not None
         self._tick += 1
         tick = self._tick
-        for key in prefixes(topic):
-            for sub in self._index.get(key, ()):
-                if sub.mark == tick or sub.closed is not None:
+        for key in prefixes(transient.topic):
+            for sub in list(self._index.get(key, ())):
+                if sub.mark == tick:
                     continue
                 sub.mark = tick
-                sub.push(frame, time.time())
-                sub.flush()
+                sub.deliver_transient(transient)
 
-    def sweep(self, heartbeat_seconds: float) -> None:
-        """Heartbeats for quiet streams; end streams past their deadline."""
+    def sweep(self, heartbeat_seconds: float, slow_seconds: float) -> None:
+        """Heartbeats for quiet live streams; end streams past their deadline or too slow."""
         now = time.monotonic()
         quiet_since = now - heartbeat_seconds
+        behind_since = now - slow_seconds
         for sub in list(self.subscriptions):
-            if sub.closed is not None:
+            state = sub.state
+            if state is SubState.CLOSED:
                 continue
             if now >= sub.ends_at:
-                sub.close("max_age")
-            elif sub.last_write <= quiet_since and not sub.buffer:
+                sub.close(CloseReason.MAX_AGE)
+            elif state is SubState.CATCHING_UP and sub.behind_since <= behind_since:
+                sub.close(CloseReason.SLOW)
+            elif state is SubState.LIVE and sub.last_write <= quiet_since and not sub.pending:
                 sub.push(HEARTBEAT)
                 sub.flush()
 
-    def close_all(self, reason: str) -> None:
+    def close_all(self, reason: CloseReason) -> None:
         for sub in list(self.subscriptions):
             sub.close(reason)
 
-    async def run_sweeper(self, heartbeat_seconds: float, stop: asyncio.Event) -> None:
+    def matching(self, topic: str) -> int:
+        """How many streams would receive ``topic`` (for tests and /stats)."""
+        return sum(1 for sub in self.subscriptions if any(covers(t, topic) for t in sub.topics))
+
+    async def run_sweeper(self, heartbeat_seconds: float, slow_seconds: float,
+                          stop: asyncio.Event) -> None:
         """Owned by the app lifespan; ends when ``stop`` is set."""
         period = max(0.05, min(heartbeat_seconds / 3, 1.0))
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=period * random.uniform(0.9, 1.1))
             except TimeoutError:
-                self.sweep(heartbeat_seconds)
+                self.sweep(heartbeat_seconds, slow_seconds)

@@ -67,9 +67,17 @@ EVENTS_SEQUENCED = Counter(
     "pgsse_events_sequenced", "Events given a position by this process's sequencer.",
     registry=REGISTRY,
 )
+FEED_GAPS = Counter(
+    "pgsse_feed_gaps", "Times history was pruned before this process read it (live clients "
+    "were sent a reset).", registry=REGISTRY,
+)
 SLOW_CLIENTS_DROPPED = Counter(
-    "pgsse_slow_clients_dropped", "Streams closed because their buffer overflowed.",
+    "pgsse_slow_clients_dropped", "Streams closed because they stayed behind too long.",
     registry=REGISTRY,
+)
+CATCHUPS = Counter(
+    "pgsse_stream_catchups", "Times a live stream fell behind (its socket was full) and caught "
+    "up from the shared log instead of being dropped.", registry=REGISTRY,
 )
 REPLAYS = Counter(
     "pgsse_replays", "Stream resumptions by how they were served.", ["source"], registry=REGISTRY

@@ -17,7 +17,7 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
             "content": {"application/json": {"schema": schema or {"type": "object"}}}}
 
 
-def spec(aggregates: Any = None) -> dict[str, Any]:
+def spec(aggregates: Any = None, allows: Any = None) -> dict[str, Any]:
     errors = {str(code): _json(text, ERROR) for code, text in
               ((400, "Bad request"), (401, "Missing or invalid token"), (403, "Not granted"))}
     paths: dict[str, Any] = {
@@ -47,7 +47,7 @@ def spec(aggregates: Any = None) -> dict[str, Any]:
         }},
     }
     if aggregates is not None:
-        paths.update(aggregates.openapi_paths(errors))
+        paths.update(aggregates.openapi_paths(errors, allows))
     return {
         "openapi": "3.0.3",
         "info": {"title": "pgsse", "version": __version__,
@@ -62,5 +62,14 @@ def spec(aggregates: Any = None) -> dict[str, Any]:
     }
 
 
-async def endpoint(request: Request) -> Response:
-    return JSONResponse(spec(request.app.state.pgsse.aggregates))
+class OpenApi:
+    """``/openapi.json``. With auth on it needs a token, and lists only the aggregates the
+    token grants (their names and parameters are the caller's business only)."""
+
+    def __init__(self, aggregates: Any, auth: Any) -> None:
+        self.aggregates = aggregates
+        self.auth = auth
+
+    async def endpoint(self, request: Request) -> Response:
+        principal = self.auth.authenticate(request)
+        return JSONResponse(spec(self.aggregates, principal.allows))

@@ -118,7 +118,10 @@ class Settings:
     poll_interval_seconds: float = 0.005
     shutdown_grace_seconds: float = 10.0
     retry_ms: int = 2000
-    replay_memory_bytes: int = 8 << 20
+    replay_memory_bytes: int = 32 << 20
+    ready_max_lag_seconds: float = 5.0
+    slow_client_seconds: float = 30.0
+    header_timeout_seconds: float = 10.0
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
 
     @property
@@ -171,6 +174,9 @@ class Settings:
         take("SHUTDOWN_GRACE_SECONDS", "shutdown_grace_seconds", _positive_duration)
         take("RETRY_MS", "retry_ms", _int_range(100, 600_000))
         take("REPLAY_MEMORY_BYTES", "replay_memory_bytes", _int_range(0, 1 << 34))
+        take("READY_MAX_LAG", "ready_max_lag_seconds", _positive_duration)
+        take("SLOW_CLIENT_SECONDS", "slow_client_seconds", _positive_duration)
+        take("HEADER_TIMEOUT", "header_timeout_seconds", _positive_duration)
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
         if problems:
             raise ConfigError(problems)

@@ -1,16 +1,20 @@
 """``GET /events``: the SSE stream, a plain ASGI app fed by the hub.
 
-One coroutine per client (uvicorn's request task) plus one small task waiting for the
-disconnect. The stream:
+Per client: uvicorn's request task (this coroutine) and one small task waiting for the
+client to leave. The stream:
 
-1. validates topics and the resume position (``Last-Event-ID`` header, else
+1. validates topics, ``envelope`` and the resume position (``Last-Event-ID`` header, else
    ``last_event_id``/``lastEventId``), authenticates, and applies the connection limits;
-2. subscribes to the hub *before* reading history, learning position ``L`` it is live from;
-3. if resuming from ``P``: ``reset`` when positions after ``P`` were pruned or ``P`` is beyond
-   the head, else replays ``(P, L]`` from ``realtime.events`` filtered by its topics;
-4. then writes whatever the hub buffered (positions > ``L``), coalesced, until the client
-   leaves, its token expires, ``STREAM_MAX_SECONDS`` pass, it falls too far behind, or the
-   process drains — each ending with the frame that tells the browser what to do next.
+2. subscribes to the hub *before* reading anything, learning position ``L`` it is live from;
+3. if resuming from ``P``: ``reset`` when ``P`` is beyond the head; else catches up from ``P``
+   (the hub's shared log, else history — each history read proves it is complete, see
+   ``feed.History``; a gap found there becomes a ``reset`` before anything after it);
+4. goes live (``Subscription.go_live``) when level with the hub, with no await in between;
+5. whenever its socket fills up the hub hands it back (``CATCHING_UP``) and step 3 repeats;
+6. ends when the client leaves, its token expires, ``STREAM_MAX_SECONDS`` pass, it stays
+   behind for ``SLOW_CLIENT_SECONDS``, or the process drains — each ending with the frame
+   that tells the browser what to do next. A dropped stream's socket is aborted at once, so
+   its file descriptor and kernel buffers are freed even if the peer never reads.
 """
 
 from __future__ import annotations
@@ -19,30 +23,26 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import asyncpg
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from . import metrics
-from .errors import BadRequest, PgsseError, Unavailable
-from .hub import Event, Subscription
+from .auth import Authenticator
+from .errors import BadRequest, NotFound, PgsseError, Unavailable
+from .feed import History
+from .hub import CloseReason, Hub, Subscription, SubState, Transient, reset_event
+from .limits import Limits
+from .settings import Settings
 from .topics import is_valid
-
-if TYPE_CHECKING:
-    from .app import State
 
 MAX_TOPICS = 32
 MAX_POSITION = 2**63 - 1
-REPLAY_BATCH = 1000
-
-REPLAY_SQL = """
-SELECT position, topics, type, tbl, payload::text AS payload,
-       extract(epoch FROM created_at)::float8 AS created_at
-FROM realtime.events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
-"""
+# How long a final frame (retry:, auth_expired) may wait for a peer that does not read.
+FINAL_WRITE_SECONDS = 5.0
 
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -50,7 +50,9 @@ STREAM_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 
-ResumeHook = Callable[[Subscription, int, int], Awaitable[list[bytes]]]
+ResumeHook = Callable[[Subscription, int], list[Transient]]
+HISTORY_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                  Unavailable)
 
 
 def parse_topics(request: Request) -> tuple[str, ...]:
@@ -87,41 +89,69 @@ def parse_position(request: Request) -> int | None:
     return int(raw)
 
 
+def parse_envelope(request: Request) -> bool:
+    raw = request.query_params.get("envelope")
+    if raw is None or raw in ("0", "false", ""):
+        return False
+    if raw in ("1", "true"):
+        return True
+    raise BadRequest("envelope is 1 or 0", code="invalid_envelope", param="envelope")
+
+
 def retry_frame(low_ms: int, high_ms: int) -> bytes:
     return b"retry: %d\n\n" % random.randint(low_ms, high_ms)
 
 
-def reset_frame(position: int, reason: str) -> bytes:
-    data = json.dumps({"reason": reason}, separators=(",", ":")).encode()
-    return b"id: %d\nevent: reset\ndata: %s\n\n" % (position, data)
+def transport_of(scope: Scope) -> asyncio.Transport | None:
+    """The connection's transport, put in the scope by ``protocol.PgsseHttpProtocol``."""
+    transport = scope.get("extensions", {}).get("pgsse.transport")
+    # uvloop's transports are not asyncio.Transport subclasses: check what we call.
+    if transport is None or not hasattr(transport, "abort"):
+        return None
+    return transport  # type: ignore[no-any-return]
 
 
-AUTH_EXPIRED_FRAME = b'event: auth_expired\ndata: {"reason":"token_expired"}\n\n'
+def abort_later(transport: asyncio.Transport | None, seconds: float) -> None:
+    """Abort the socket if its last bytes are still unread after ``seconds``."""
+    if transport is None or transport.is_closing():
+        return
+
+    def check() -> None:
+        if not transport.is_closing() and transport.get_write_buffer_size() > 0:
+            transport.abort()
+
+    asyncio.get_running_loop().call_later(seconds, check)
 
 
 class EventStream:
-    def __init__(self, state: State) -> None:
-        self.state = state
+    def __init__(self, settings: Settings, hub: Hub, auth: Authenticator, limits: Limits,
+                 history: History, ready: Callable[[], bool]) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.auth = auth
+        self.limits = limits
+        self.history = history
+        self.ready = ready
         self.resume_hooks: list[ResumeHook] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        state = self.state
         try:
             topics = parse_topics(request)
             position = parse_position(request)
-            principal = state.auth.authenticate(request)
+            envelope = parse_envelope(request)
+            principal = self.auth.authenticate(request)
             principal.require(topics)
             client_key = principal.subject or (request.client.host if request.client else "")
-            state.limits.check_stream(client_key)
+            self.limits.check_stream(client_key)
         except PgsseError as exc:
             await exc.response()(scope, receive, send)
             return
         method = request.method
         del request  # parsed headers and query: not worth keeping for hours per stream
-        settings = state.settings
-        full = len(state.hub) >= settings.max_connections
-        if full or not state.ready_for_streams:
+        settings = self.settings
+        full = len(self.hub) >= settings.max_connections
+        if full or not self.ready():
             # A browser EventSource gives up for good on a non-200: answer 200, ask it to
             # come back a little later (jittered), and close.
             metrics.REJECTED.labels("process_connections" if full else "not_ready").inc()
@@ -133,153 +163,169 @@ class EventStream:
             await send({"type": "http.response.body", "body": b""})
             return
 
-        now = time.monotonic()
         lifetime = settings.stream_max_seconds * random.uniform(0.9, 1.0)
-        if principal.expires_at is not None:
-            lifetime = min(lifetime, principal.expires_at - time.time())
-        sub = Subscription(topics, 0, settings.client_buffer_bytes, now + lifetime, client_key)
-        expires_is_auth = principal.expires_at is not None and principal.expires_at - time.time() <= lifetime
-        state.limits.opened(client_key)
-        live_from = state.hub.subscribe(sub)
-        # Live events at or below a resume position must not be delivered again, even if
-        # this replica has not fanned them out yet (the client may come from one ahead).
-        sub.cursor = live_from if position is None else max(live_from, position)
-        # While replaying, a helper task notices the client leaving; once live, the stream's
-        # own task waits for that instead (one task per idle stream, not two).
+        expires_is_auth = False
+        if principal.expires_at is not None and principal.expires_at - time.time() <= lifetime:
+            lifetime = principal.expires_at - time.time()
+            expires_is_auth = True
+        sub = Subscription(topics, 0, time.monotonic() + lifetime, client_key, envelope,
+                           settings.client_buffer_bytes)
+        transport = transport_of(scope)
+        self.limits.opened(client_key)
+        live_from = self.hub.subscribe(sub)
+        # Events at or below a resume position are never delivered again, even if this
+        # replica has not read them yet (the client may come from a replica ahead of it).
+        sub.cursor = live_from if position is None else position
         watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
-        sub.task = asyncio.current_task()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body",
                         "body": b"retry: %d\n\n" % settings.retry_ms, "more_body": True})
             if position is not None:
-                try:
-                    await self._resume(sub, position, live_from, send)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable):
-                    # History is unreachable right now: come back shortly, from the same id.
-                    sub.close("history_unavailable")
-            await self._pump(sub, send, receive, watcher)
-            reason = sub.closed or "disconnect"
-            metrics.STREAMS_ENDED.labels(reason).inc()
-            tail = b""
-            if reason == "max_age" and expires_is_auth:
-                tail = AUTH_EXPIRED_FRAME
-            elif reason in ("shutdown", "max_age", "history_unavailable"):
-                tail = retry_frame(250, 3000)
-            if reason not in ("disconnect", "slow"):
-                await send({"type": "http.response.body", "body": tail, "more_body": False})
-            # A slow client's response is left incomplete on purpose: the server then closes
-            # the connection instead of keeping it alive for another request.
-        except asyncio.CancelledError:
-            if sub.closed not in ("slow", "shutdown") or not sub.sending:
-                raise
-            # The write to this client's full socket was abandoned; returning without
-            # completing the response makes the server close the connection.
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            metrics.STREAMS_ENDED.labels(sub.closed).inc()
+                await self._resume(sub, position, send)
+            while sub.state is not SubState.CLOSED:
+                if sub.state is not SubState.LIVE:
+                    try:
+                        await self._catch_up(sub, send)
+                    except HISTORY_ERRORS:
+                        # History is unreachable right now: come back shortly, same id.
+                        sub.close(CloseReason.HISTORY_UNAVAILABLE)
+                    continue
+                sub.wakeup.clear()
+                if sub.state is SubState.LIVE:
+                    await sub.wakeup.wait()
+            await self._end(sub, send, transport, expires_is_auth)
         finally:
             watcher.cancel()
-            state.hub.unsubscribe(sub)
-            state.limits.closed(client_key)
+            self.hub.unsubscribe(sub)
+            self.limits.closed(client_key)
+
+    async def _end(self, sub: Subscription, send: Send, transport: asyncio.Transport | None,
+                   expires_is_auth: bool) -> None:
+        reason = sub.reason or CloseReason.DISCONNECT
+        if reason is CloseReason.MAX_AGE and expires_is_auth:
+            reason = CloseReason.AUTH_EXPIRED
+        metrics.STREAMS_ENDED.labels(reason.value).inc()
+        if reason in (CloseReason.DISCONNECT, CloseReason.SLOW, CloseReason.ERROR):
+            # Closed means gone: no graceful close waiting for a peer that may never read.
+            # The response is left incomplete on purpose, so the server ends the connection.
+            if transport is not None:
+                transport.abort()
+            return
+        if reason is CloseReason.AUTH_EXPIRED:
+            tail = Transient(None, "auth_expired", b'{"reason":"token_expired"}').frame(
+                sub.envelope)
+        else:
+            tail = retry_frame(250, 3000)
+        try:
+            await asyncio.wait_for(
+                send({"type": "http.response.body", "body": tail, "more_body": False}),
+                FINAL_WRITE_SECONDS)
+        except TimeoutError:
+            if transport is not None:
+                transport.abort()
+            return
+        abort_later(transport, FINAL_WRITE_SECONDS)
 
     @staticmethod
     async def _watch_disconnect(receive: Receive, sub: Subscription) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                sub.close("disconnect")
+                sub.close(CloseReason.DISCONNECT)
                 return
 
-    async def _resume(self, sub: Subscription, position: int, live_from: int,
-                      send: Send) -> None:
-        state = self.state
-        row = await state.pool.fetchrow(
-            "SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1")
-        assert row is not None
-        head = max(row["last_position"], live_from)
-        reason = None
-        if position > head:
-            reason = "unknown_position"
-        elif position < row["pruned_through"]:
-            reason = "history_expired"
-        if reason is not None:
-            # Start over from the present, atomically (no await in between): drop what
-            # was buffered and take live events after the hub's current position.
-            sub.buffer.clear()
-            sub.size = 0
-            sub.cursor = state.hub.position
-            metrics.REPLAYS.labels("reset").inc()
-            await send({"type": "http.response.body", "body": reset_frame(sub.cursor, reason),
-                        "more_body": True})
-            return
-        if position >= live_from:
-            return  # nothing to replay; live events up to ``position`` are skipped
-        extra = []
-        for hook in self.resume_hooks:
-            extra.extend(await hook(sub, position, live_from))
-        if extra:
-            await send({"type": "http.response.body", "body": b"".join(extra), "more_body": True})
-        frames = state.hub.replay_from_memory(position, live_from, sub.topics)
-        if frames is not None:
-            metrics.REPLAYS.labels("memory").inc()
-            if frames:
-                await send({"type": "http.response.body", "body": b"".join(frames),
-                            "more_body": True})
-                metrics.EVENTS_DELIVERED.inc(len(frames))
-            return
-        metrics.REPLAYS.labels("history").inc()
-        await self._replay(sub, position, live_from, send)
-
-    async def _replay(self, sub: Subscription, after: int, until: int, send: Send) -> None:
-        wanted = set(sub.topics)
-        decoder = self.state.decoder
-        cursor = after
-        while cursor < until and sub.closed is None:
-            rows = await self.state.pool.fetch(REPLAY_SQL, cursor, until, REPLAY_BATCH)
-            if not rows:
-                break
-            frames = []
-            for row in rows:
-                event: Event = decoder.decode(row)
-                if not wanted.isdisjoint(event.keys):
-                    frames.append(event.frame)
-            cursor = rows[-1]["position"]
-            if frames:
-                await send({"type": "http.response.body", "body": b"".join(frames),
-                            "more_body": True})
-                metrics.EVENTS_DELIVERED.inc(len(frames))
-
-    @staticmethod
-    async def _pump(sub: Subscription, send: Send, receive: Receive,
-                    watcher: asyncio.Future[None]) -> None:
-        """Write what was buffered during replay, then hand the hub the socket."""
-        while sub.buffer and sub.closed is None:
-            count = len(sub.buffer)
-            first_at = sub.first_at
-            sub.sending = True
-            await send({"type": "http.response.body", "body": sub.take(), "more_body": True})
-            sub.sending = False
-            sub.last_write = time.monotonic()
-            metrics.observe_delivery(count, first_at)
-        if sub.closed is not None:
-            return
-        sub.direct = send  # from here on the hub writes (no await since the check)
-        if watcher.done():
-            return
-        watcher.cancel()
-        sub.parked = True
+    async def _write(self, sub: Subscription, send: Send, body: bytes) -> bool:
+        """Await one write, within the time a stream may stay behind; False if dropped."""
+        remaining = sub.behind_since + self.settings.slow_client_seconds - time.monotonic()
         try:
-            while sub.closed is None:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    sub.close("disconnect")
-        except asyncio.CancelledError:
-            if sub.closed is None:
-                raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # woken by ``close`` for its own reason: finish normally
-        finally:
-            sub.parked = False
+            await asyncio.wait_for(
+                send({"type": "http.response.body", "body": body, "more_body": True}),
+                max(remaining, 0.001))
+        except TimeoutError:
+            sub.close(CloseReason.SLOW)
+            return False
+        sub.last_write = time.monotonic()
+        return True
+
+    async def _resume(self, sub: Subscription, position: int, send: Send) -> None:
+        try:
+            head, pruned_through = await self.history.bounds()
+        except HISTORY_ERRORS:
+            # The database is away: what the replay window holds can still be served; the
+            # catch-up reads say "history unavailable" if it is needed.
+            head, pruned_through = self.hub.position, 0
+        head = max(head, self.hub.position)
+        if position > head:
+            await self._reset(sub, send, "unknown_position")
+            return
+        if position < pruned_through:
+            await self._reset(sub, send, "history_expired")
+            return
+        transients: list[Transient] = []
+        for hook in self.resume_hooks:
+            transients.extend(hook(sub, position))
+        if transients:
+            await self._write(sub, send, b"".join(t.frame(sub.envelope) for t in transients))
+
+    async def _reset(self, sub: Subscription, send: Send, reason: str) -> None:
+        """Start over from the present, atomically (no await between reading the position
+        and moving the cursor), and say so first."""
+        sub.cursor = self.hub.position
+        metrics.REPLAYS.labels("reset").inc()
+        await self._write(sub, send, reset_event(sub.cursor, reason).frame(sub.envelope))
+
+    async def _catch_up(self, sub: Subscription, send: Send) -> None:
+        """Write everything after ``sub.cursor`` up to the hub's position, then go live."""
+        hub = self.hub
+        source = ""
+        while sub.state is not SubState.CLOSED:
+            target = hub.position
+            if sub.cursor >= target:
+                sub.go_live(send)  # no await since reading ``target``
+                if source:
+                    metrics.REPLAYS.labels(source).inc()
+                return
+            got = hub.read_recent(sub.cursor, target, sub, sub.chunk_bytes)
+            if got is not None:
+                frames, upto = got
+                source = source or "memory"
+            else:
+                source = "history"
+                read = await self.history.read(sub, sub.cursor, target)
+                if read.pruned:
+                    await self._reset(sub, send, "history_expired")
+                    continue
+                frames, upto = read.frames, read.upto
+            if frames and not await self._write(sub, send, b"".join(frames)):
+                return
+            metrics.EVENTS_DELIVERED.inc(len(frames))
+            if not sub.closed:
+                sub.cursor = upto
+
+
+class EventLookup:
+    """``GET /events/<position>``: one retained event, whole — how a client fetches an event
+    that was delivered ``truncated`` (over ``MAX_EVENT_BYTES``). Authorised like a stream:
+    the token must grant one of the event's topics."""
+
+    def __init__(self, auth: Authenticator, history: History) -> None:
+        self.auth = auth
+        self.history = history
+
+    async def endpoint(self, request: Request) -> Response:
+        raw = request.path_params["position"]
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
+            raise BadRequest("the position is a decimal integer from 0 to 2^63-1",
+                             code="invalid_position", param="position")
+        principal = self.auth.authenticate(request)
+        row = await self.history.event(int(raw))
+        if row is None or not any(principal.allows(topic) for topic in row["topics"]):
+            # Not granted looks like absent: no probing for other tenants' positions.
+            raise NotFound("no retained event at this position (pruned, or never existed)",
+                           param="position")
+        body = b'{"position":%d,"topics":%s,"type":%s,"data":%s}' % (
+            row["position"], json.dumps(list(row["topics"])).encode(),
+            json.dumps(row["type"]).encode(), row["payload"].encode())
+        return Response(body, media_type="application/json",
+                        headers={"Cache-Control": "private, max-age=3600"})

@@ -1,19 +1,57 @@
-"""The hub in isolation: matching, de-duplication, bounds, one encoding shared by all."""
+"""The hub in isolation (no server, no database): matching, one encoding shared by all, the
+live → catching-up hand-over when a socket fills, gaps, heartbeats and bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
-from pgsse.hub import HEARTBEAT, Event, Hub, Subscription
+from pgsse.hub import (
+    HEARTBEAT,
+    CloseReason,
+    Event,
+    Hub,
+    Subscription,
+    SubState,
+    Transient,
+)
 from pgsse.topics import covers, is_valid, prefixes
 
 
-def event(position: int, *topics: str) -> Event:
-    return Event.build(position, topics, "t", b'{"p":%d}' % position, 0.0, None)
+def event(position: int, *topics: str, size: int = 0) -> Event:
+    data = b'{"p":%d%s}' % (position, b',"pad":"' + b"x" * size + b'"' if size else b"")
+    return Event.build(position, topics, "t", data, 0.0, None)
 
 
-def sub(*topics: str, limit: int = 1 << 20, ends_at: float = 1e18) -> Subscription:
-    return Subscription(tuple(topics), 0, limit, ends_at)
+class Socket:
+    """An ASGI ``send`` like uvicorn's: completes at once while ``full`` is False, else
+    suspends before writing (uvicorn waits for the transport to drain first)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.full = False
+
+    async def __call__(self, message: Any) -> None:
+        if self.full:
+            await asyncio.get_running_loop().create_future()  # never resolves
+        self.bodies.append(message["body"])
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.bodies)
+
+    def ids(self) -> list[int]:
+        return [int(line[4:]) for line in self.data.split(b"\n") if line.startswith(b"id: ")]
+
+
+def live(hub: Hub, *topics: str, envelope: bool = False, ends_at: float = 1e18,
+         chunk: int = 64 * 1024) -> tuple[Subscription, Socket]:
+    sub = Subscription(tuple(topics), 0, ends_at, envelope=envelope, chunk_bytes=chunk)
+    sub.cursor = hub.subscribe(sub)
+    socket = Socket()
+    sub.go_live(socket)
+    return sub, socket
 
 
 def test_topic_rules() -> None:
@@ -25,88 +63,110 @@ def test_topic_rules() -> None:
         assert not is_valid(bad)
 
 
-def test_same_bytes_to_every_subscriber_once_each() -> None:
+async def test_same_bytes_to_every_subscriber_once_each() -> None:
     hub = Hub()
-    subs = [sub("orders"), sub("orders", "orders/42"), sub("orders/42/lines"), sub("orders/4")]
-    for s in subs:
-        hub.subscribe(s)
+    pairs = [live(hub, "orders"), live(hub, "orders", "orders/42"), live(hub, "orders/42/lines"),
+             live(hub, "orders/4")]
     e = event(1, "orders/42/lines")
     hub.fanout([e])
-    assert [len(s.buffer) for s in subs] == [1, 1, 1, 0]
-    assert all(s.buffer[0] is e.frame for s in subs[:3]), "encoded once, shared"
+    assert [len(socket.bodies) for _, socket in pairs] == [1, 1, 1, 0]
+    assert all(socket.bodies[0] is e.frame for _, socket in pairs[:3]), "encoded once, shared"
     assert e.frame == b'id: 1\nevent: t\ndata: {"p":1}\n\n'
 
 
-def test_event_with_two_topics_is_delivered_once() -> None:
+async def test_event_with_two_topics_is_delivered_once_and_enveloped_with_the_matching_one() -> None:
     hub = Hub()
-    both = sub("items/a", "items/b")
-    hub.subscribe(both)
+    _, plain = live(hub, "items/a", "items/b")
+    _, wrapped = live(hub, "items/a", envelope=True)
     hub.fanout([event(1, "items/b", "items/a")])
-    assert len(both.buffer) == 1
+    assert plain.ids() == [1]
+    data = json.loads(wrapped.data.split(b"data: ")[1])
+    assert data == {"topic": "items/a", "data": {"p": 1}}
 
 
-def test_positions_at_or_below_cursor_are_skipped() -> None:
+async def test_positions_at_or_below_cursor_are_skipped_and_a_batch_is_one_write() -> None:
     hub = Hub()
-    s = sub("x")
-    hub.subscribe(s)
-    s.cursor = 5
-    hub.fanout([event(4, "x"), event(5, "x"), event(6, "x")])
-    assert s.take() == event(6, "x").frame and hub.position == 6
+    sub, socket = live(hub, "x")
+    sub.cursor = 5
+    hub.fanout([event(4, "x"), event(5, "x"), event(6, "x"), event(7, "x")])
+    assert socket.bodies == [event(6, "x").frame + event(7, "x").frame]
+    assert hub.position == 7
 
 
-def test_overflow_closes_as_slow_and_frees_the_buffer() -> None:
+async def test_a_full_socket_hands_the_stream_back_at_the_last_position_written() -> None:
     hub = Hub()
-    s = sub("x", limit=100)
-    hub.subscribe(s)
-    hub.fanout([event(i, "x") for i in range(1, 20)])
-    assert s.closed == "slow" and s.buffer == [] and s.size == 0
-    hub.fanout([event(20, "x")])
-    assert s.buffer == []
-
-
-async def test_wait_wakes_on_fanout_and_close() -> None:
-    hub = Hub()
-    s = sub("x")
-    hub.subscribe(s)
-    waiter = asyncio.create_task(s.wait())
-    await asyncio.sleep(0)
-    assert not waiter.done()
+    sub, socket = live(hub, "x", chunk=200)
     hub.fanout([event(1, "x"), event(2, "x")])
-    await asyncio.wait_for(waiter, 1)
-    assert s.take() == event(1, "x").frame + event(2, "x").frame, "coalesced into one write"
-    waiter = asyncio.create_task(s.wait())
-    await asyncio.sleep(0)
-    hub.close_all("shutdown")
-    await asyncio.wait_for(waiter, 1)
-    assert s.closed == "shutdown"
+    socket.full = True
+    hub.fanout([event(i, "x", size=150) for i in range(3, 9)])
+    assert sub.state is SubState.CATCHING_UP and sub.wakeup.is_set()
+    assert sub.cursor == 2, "positions 3.. were never written"
+    assert sub.reason is None, "a full socket is not a slow client"
+    hub.fanout([event(9, "x")])  # the hub holds no copy while it catches up
+    got = hub.read_recent(sub.cursor, hub.position, sub, 1 << 20)
+    assert got is not None
+    frames, upto = got
+    assert upto == 9 and b"".join(frames).count(b"id: ") == 7
 
 
-def test_sweep_heartbeats_quiet_streams_and_ends_old_ones() -> None:
+async def test_gap_resets_live_streams_and_clears_the_window() -> None:
     hub = Hub()
-    quiet = sub("x")
-    old = sub("y", ends_at=0)
-    hub.subscribe(quiet)
-    hub.subscribe(old)
+    hub.fanout([event(1, "x")])
+    sub, socket = live(hub, "x", envelope=True)
+    hub.gap(10)
+    assert hub.position == 10 and not hub.recent
+    assert socket.ids() == [10] and b"event: reset" in socket.data
+    body = json.loads(socket.data.split(b"data: ")[1])
+    assert body == {"topic": None, "data": {"reason": "history_expired"}}
+    hub.fanout([event(11, "x")])
+    assert socket.ids() == [10, 11]
+
+
+async def test_sweep_heartbeats_quiet_streams_ends_old_and_long_behind_ones() -> None:
+    hub = Hub()
+    quiet, socket = live(hub, "x")
+    old, _ = live(hub, "y", ends_at=0)
+    behind, _ = live(hub, "z")
+    behind.fall_behind(0)
+    behind.behind_since -= 100
     quiet.last_write = 0
-    hub.sweep(heartbeat_seconds=1)
-    assert quiet.buffer == [HEARTBEAT] and old.closed == "max_age"
-    hub.unsubscribe(quiet)
-    hub.unsubscribe(old)
+    hub.sweep(heartbeat_seconds=1, slow_seconds=30)
+    assert socket.bodies == [HEARTBEAT]
+    assert old.reason is CloseReason.MAX_AGE and behind.reason is CloseReason.SLOW
+    for sub in (quiet, old, behind):
+        hub.unsubscribe(sub)
     assert len(hub) == 0 and hub.topic_count() == 0
 
 
-def test_transient_events_reach_live_subscribers() -> None:
+async def test_transients_reach_live_streams_now_and_others_once_live() -> None:
     hub = Hub()
-    s = sub("aggregates")
-    hub.subscribe(s)
-    hub.publish_transient("aggregates/sales", b"event: aggregate.invalidated\ndata: {}\n\n")
-    assert len(s.buffer) == 1
+    _, socket = live(hub, "aggregates")
+    waiting = Subscription(("aggregates",), 0, 1e18)
+    hub.subscribe(waiting)
+    for _ in range(3):
+        hub.publish_transient(Transient("aggregates/sales", "aggregate.invalidated",
+                                        b'{"aggregate":"sales"}'))
+    assert socket.data.count(b"event: aggregate.invalidated") == 3
+    later = Socket()
+    waiting.go_live(later)
+    assert later.data.count(b"event: aggregate.invalidated") == 1, "coalesced while not live"
 
 
-def test_recent_events_replay_from_memory_when_contiguous() -> None:
-    hub = Hub(recent_bytes=500)
+async def test_replay_window_is_contiguous_and_bounded_by_what_it_holds() -> None:
+    hub = Hub(recent_bytes=20_000)
     hub.fanout([event(i, "a" if i % 2 else "b") for i in range(1, 51)])
-    frames = hub.replay_from_memory(44, 50, ("a",))
-    assert frames == [event(i, "a").frame for i in (45, 47, 49)]
-    assert hub.replay_from_memory(0, 50, ("a",)) is None, "evicted: must come from history"
-    assert hub.recent_bytes <= 500
+    reader = Subscription(("a",), 0, 1e18)
+    got = hub.read_recent(44, 50, reader, 1 << 20)
+    assert got == ([event(i, "a").frame for i in (45, 47, 49)], 50)
+    assert hub.read_recent(0, 50, reader, 1 << 20) is None, "evicted: must come from history"
+    assert hub.recent_bytes <= 20_000
+    assert hub.recent_bytes == sum(e.size for e in hub.recent)
+    assert all(e.size > 3 * len(e.frame) for e in hub.recent), "accounts objects, not just bytes"
+
+
+def test_frames_never_carry_a_cr_or_lf_inside_a_field() -> None:
+    forged = Event.build(7, ["x"], "x\nid: 99\ndata: {}", b'{"a":\n1}', 0.0, None)
+    lines = forged.frame.split(b"\n")
+    assert [line for line in lines if line.startswith(b"id: ")] == [b"id: 7"]
+    assert forged.frame.count(b"\n\n") == 1 and forged.frame.endswith(b"\n\n")
+    assert b"\r" not in forged.frame

@@ -1,0 +1,97 @@
+"""Operations endpoints: ``/healthz`` (liveness), ``/readyz`` (readiness), ``/stats``,
+``/metrics``.
+
+Readiness means "send me traffic": the database answers, the change feed is connected and
+not behind for longer than ``READY_MAX_LAG`` (NOTIFY raises the head a few milliseconds
+before the rows are read, so merely "behind" is the normal state under load), aggregates are
+loaded, and the process is not draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from . import metrics
+from .aggregates import Aggregates
+from .auth import Authenticator
+from .db import Database
+from .errors import Forbidden, Unavailable
+from .feed import Listener, Sequencer
+from .hub import Hub, SubState
+
+PROBE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable)
+
+
+class Health:
+    def __init__(self, database: Database, hub: Hub, listener: Listener, sequencer: Sequencer,
+                 aggregates: Aggregates, auth: Authenticator, started_at: float) -> None:
+        self.database = database
+        self.hub = hub
+        self.listener = listener
+        self.sequencer = sequencer
+        self.aggregates = aggregates
+        self.auth = auth
+        self.started_at = started_at
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        checks: dict[str, Any] = {}
+        try:
+            await asyncio.wait_for(self.database.pool.fetchval("SELECT 1"), timeout=1.0)
+            checks["database"] = "ok"
+        except PROBE_ERRORS as exc:
+            checks["database"] = f"failed: {type(exc).__name__}"
+        listener = self.listener
+        if not listener.connected:
+            checks["feed"] = "disconnected"
+        elif not listener.caught_up:
+            checks["feed"] = (f"behind ({listener.cursor} of {listener.head}, "
+                              f"{listener.lag_seconds:.1f}s)")
+        else:
+            checks["feed"] = "ok"
+        checks["aggregates"] = "ok" if self.aggregates.ready else "loading"
+        checks["draining"] = self.hub.draining
+        ok = (checks["database"] == "ok" and checks["feed"] == "ok"
+              and checks["aggregates"] == "ok" and not self.hub.draining)
+        body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
+        if not self.auth.enabled:
+            body["warnings"] = ["auth_disabled"]
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    async def stats(self, request: Request) -> Response:
+        principal = self.auth.authenticate(request)
+        if self.auth.enabled and "*" not in principal.grants:
+            raise Forbidden("/stats needs a token granting '*'")
+        hub = self.hub
+        head = max(self.listener.head, hub.position)
+        states = {state.value: 0 for state in SubState if state is not SubState.CLOSED}
+        for sub in hub.subscriptions:
+            if sub.state is not SubState.CLOSED:
+                states[sub.state.value] += 1
+        body: dict[str, Any] = {
+            "clients": len(hub),
+            "streams": states,
+            "topics": hub.topic_count(),
+            "position": hub.position,
+            "head": head,
+            "lag": max(0, head - hub.position),
+            "lag_seconds": round(self.listener.lag_seconds, 3),
+            "replay_window": {"events": len(hub.recent), "bytes": hub.recent_bytes},
+            "sequencer_leader": self.sequencer.leader,
+            "draining": hub.draining,
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "cache": self.aggregates.cache_stats(),
+        }
+        return JSONResponse(body)

@@ -1,0 +1,112 @@
+"""The lifespan's owner: starts every background loop, and stops them through one path.
+
+Start-up, in the background (``/readyz`` says 503 meanwhile): the pool (retried with backoff
+while PostgreSQL is down), migrations, the demo schema, then the sequencer, the listener, the
+hub's sweeper and the demo writer, then aggregates once the feed has its position. A broken
+aggregate file is the one start-up failure that stops the process (``StartupFailed``,
+exit 2, naming the file and line). Shutdown: drain streams first, then set ``stop``, which
+every loop waits on, and wait for them within ``SHUTDOWN_GRACE_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from .aggregates import Aggregates
+from .db import Database, migrate
+from .feed import Listener, Sequencer
+from .hub import CloseReason, Hub
+from .settings import Settings
+from .sqlfiles import AggregateFileError
+
+log = logging.getLogger("pgsse.lifecycle")
+
+
+class Lifecycle:
+    def __init__(self, settings: Settings, database: Database, hub: Hub, listener: Listener,
+                 sequencer: Sequencer, aggregates: Aggregates) -> None:
+        self.settings = settings
+        self.database = database
+        self.hub = hub
+        self.listener = listener
+        self.sequencer = sequencer
+        self.aggregates = aggregates
+        self.stop = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.started_at = time.time()
+        self._starter: asyncio.Task[None] | None = None
+
+    def ready_for_streams(self) -> bool:
+        return self.listener.cursor is not None and not self.hub.draining
+
+    def drain(self) -> None:
+        """SIGTERM: readiness fails, streams end now with a short jittered ``retry:``."""
+        if not self.hub.draining:
+            log.info("draining", extra={"event": "draining", "clients": len(self.hub)})
+            self.hub.draining = True
+            self.hub.close_all(CloseReason.SHUTDOWN)
+
+    async def __aenter__(self) -> Lifecycle:
+        if not self.settings.auth_enabled:
+            log.warning("AUTH_SECRET is not set: every stream and aggregate is open to anyone",
+                        extra={"event": "auth_disabled"})
+        self._starter = asyncio.create_task(self._start(), name="start")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.drain()
+        self.stop.set()
+        if self._starter is not None:
+            self._starter.cancel()
+            with contextlib.suppress(BaseException):
+                await self._starter
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_seconds)
+        await self.database.close()
+        log.info("stopped", extra={"event": "stopped"})
+
+    async def _start(self) -> None:
+        settings = self.settings
+        pool = await self.database.connect(self.stop, min_size=1, max_size=10)
+        async with pool.acquire() as conn:
+            await migrate(conn)
+            if settings.demo:
+                from . import demo
+
+                await demo.install(conn)
+        self._spawn(self.sequencer.run(self.stop), "sequencer")
+        self._spawn(self.listener.run(self.stop), "listener")
+        self._spawn(self.hub.run_sweeper(settings.heartbeat_seconds, settings.slow_client_seconds,
+                                         self.stop), "sweeper")
+        if settings.demo:
+            from . import demo
+
+            self._spawn(demo.Writer(self.database.url, settings.demo_rate).run(self.stop),
+                        "demo-writer")
+        await self.listener.started.wait()
+        try:
+            await self.aggregates.start()
+        except AggregateFileError as exc:
+            # A broken aggregate stops start-up, naming the file, the line and the problem.
+            log.critical(str(exc), extra={"event": "aggregate_invalid"})
+            print(f"pgsse: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)  # from a background task: the only way to stop uvicorn with a status
+        log.info("ready", extra={"event": "started", "position": self.hub.position})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task failed", exc_info=t.exception(),
+                          extra={"event": "task_failed", "task": name})
+
+        task.add_done_callback(done)
