@@ -294,6 +294,20 @@ async def test_live_token_expiries_lose_nothing(start_server: Start, conn: async
     assert any(r.get("code") == "auth_expired" for r in client.snapshot("error"))
 
 
+async def test_live_403_reaches_only_the_refused_subscription(start_server: Start, conn: asyncpg.Connection,
+                                                             live_client: Callable[..., LiveClient]) -> None:
+    secret = "client-js-key-0123456789abcdef0123"
+    server = start_server({"AUTH_SECRET": secret})
+    client = live_client({"client": {"url": server.url}, "subscriptions": [["mine"], ["theirs"]],
+                          "secret": secret, "ttl": 300, "tokenTopics": ["mine"]})
+    refused = client.wait(lambda r: client.snapshot("suberror"), 10, "the 403")
+    assert refused == [{**refused[0], "sub": 1, "status": 403, "topics": ["theirs"]}]
+    client.wait(lambda r: client.status() == "open", 10, "the granted topic streams")
+    await publish(conn, "mine", "tick", {"n": 1})
+    event = client.wait(lambda r: client.events("tick"), 10, "event on the granted topic")[0]
+    assert event["sub"] == 0
+
+
 async def test_live_reset_after_prune(server: Any, conn: asyncpg.Connection,
                                       live_client: Callable[..., LiveClient]) -> None:
     for n in range(3):

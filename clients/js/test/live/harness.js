@@ -27,7 +27,8 @@ rt.on("status", (status, info) => out({ kind: "status", status, attempt: info.at
   error: info.error ? { status: info.error.status ?? null, message: String(info.error.message ?? info.error) } : null }));
 rt.on("error", (error) => out({ kind: "error", status: error.status ?? null, code: error.code ?? null }));
 for (const [i, topics] of (config.subscriptions || []).entries()) {
-  rt.subscribe(topics, (e) => out({ kind: "event", sub: i, id: e.id, type: e.type, topic: e.topic, data: e.data }));
+  rt.subscribe(topics, (e) => out({ kind: "event", sub: i, id: e.id, type: e.type, topic: e.topic, data: e.data }),
+    { onError: (error) => out({ kind: "suberror", sub: i, status: error.status ?? null, topics: error.topics ?? null }) });
 }
 createInterface({ input: process.stdin }).on("line", (line) => {
   const command = JSON.parse(line);
