@@ -46,6 +46,7 @@ class Writers:
         self.stop = asyncio.Event()
         self.committed = 0
         self.errors = 0
+        self.error_kinds: dict[str, int] = {}
         self.tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> Writers:
@@ -70,11 +71,15 @@ class Writers:
                 await conn.execute("SELECT realtime.publish($1, 'chaos.x', jsonb_build_object("
                                    "'w', $2::int, 'n', $3::int))", self.topic, w, n)
                 self.committed += 1
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception as exc:  # noqa: BLE001 - a writer outlives any database fault
                 self.errors += 1
+                kind = type(exc).__name__
+                self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
                 if conn is not None:
                     conn.terminate()
                 conn = None
+                if self.stop.is_set():
+                    break
                 await asyncio.sleep(0.2)
                 continue
             delay = t0 + n / self.rate - time.monotonic()
@@ -84,7 +89,7 @@ class Writers:
                 except TimeoutError:
                     pass
         if conn is not None:
-            await conn.close()
+            conn.terminate()
 
 
 async def _guard(run: Run, name: str, load: str, fault: object, n_clients: int = 20) -> Result:
@@ -98,8 +103,12 @@ async def _guard(run: Run, name: str, load: str, fault: object, n_clients: int =
         await wait_clients(service, n_clients)
         database = service.database
         writers = Writers(run.pg, database, topic).start()
+        reconnects0 = await service.metric("pgsse_feed_reconnects_total")
         try:
             await fault(service, conn, result)  # type: ignore[operator]
+            committed_at_fault = writers.committed
+            # Writes go on after the fault (bounded): what was written meanwhile must arrive.
+            await wait_until(lambda: writers.committed >= committed_at_fault + 100, 15, 0.1)
         finally:
             await writers.finish()
         if conn.is_closed():
@@ -110,10 +119,18 @@ async def _guard(run: Run, name: str, load: str, fault: object, n_clients: int =
         truth = await truth_of(conn, topic)
         await conn.close()
         tally_clients(result, clients, truth)
-        result.figures.update(committed=len(truth), writer_errors=writers.errors,
+        result.figures.update(committed=len(truth), writer_errors=writers.error_kinds,
+                              committed_after_fault=writers.committed - committed_at_fault,
+                              feed_reconnects=await service.metric(
+                                  "pgsse_feed_reconnects_total") - reconnects0,
                               ready_after=bool(ready))
         await base.deltas(result)
     failures = loss_failures(result, clients, resets_ok=False)
+    # The fault must have hit: the change feed reconnected, and writes went on after it.
+    if not result.figures["feed_reconnects"]:
+        failures.append("fault had no effect: the change feed never reconnected")
+    if result.figures["committed_after_fault"] < 100:
+        failures.append(f"only {result.figures['committed_after_fault']} commits after the fault")
     if not result.figures["ready_after"]:
         failures.append("/readyz not 200 within 30 s after the fault")
     return result.judge(failures)
@@ -165,7 +182,6 @@ async def postgres_restart(run: Run) -> Result:
         await asyncio.sleep(3)  # down for 3 s
         await run.pg.start_server()
         result.figures["restart_s"] = round(time.monotonic() - t0, 1)
-        await asyncio.sleep(5)  # writes flowing after
 
     return await _guard(run, "postgres_restart", "20 clients, 4 writers x 50 ev/s; "
                         "PostgreSQL stopped (fast), down 3 s, started", fault)
