@@ -67,6 +67,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgsse.aggregates")
 VOLATILE_CLAIMS = frozenset({"exp", "iat", "nbf", "jti"})
+# The ETag memo (the 304 path) is bounded in bytes of keys, like the result cache.
+ETAG_MEMO_BYTES = 8 << 20
+ETAG_ENTRY_OVERHEAD = 400  # dict slot, tuple, strings: measured with tracemalloc, rounded up
+MAX_PARAM_CHARS = 1024
 QUERY_TIMEOUT = "15s"
 
 
@@ -94,6 +98,7 @@ class Aggregates:
         self.cache = ResultCache(settings.aggregate_cache_bytes)
         self.flights: SingleFlight[Entry] = SingleFlight()
         self.etags: dict[Hashable, tuple[tuple[int, ...], int, str]] = {}
+        self.etag_bytes = 0
         self.counters: dict[tuple[str, str], Any] = {}
         self.hits = self.misses = self.queries = 0
         self.ready = False
@@ -158,6 +163,7 @@ class Aggregates:
 
     def cache_stats(self) -> dict[str, Any]:
         return {"entries": len(self.cache), "bytes": self.cache.bytes, "hits": self.hits,
+                "etag_memo_bytes": self.etag_bytes,
                 "misses": self.misses, "queries": self.queries, "in_flight": len(self.flights)}
 
     # -- HTTP --------------------------------------------------------------------------
@@ -199,6 +205,10 @@ class Aggregates:
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         auth = state.auth.enabled
         fmt = export.requested_format(request, aggregate.spec)
+        for name, value in request.query_params.multi_items():
+            if len(value) > MAX_PARAM_CHARS:
+                raise BadRequest(f"parameter values are at most {MAX_PARAM_CHARS} characters",
+                                 code="parameter_too_long", param=name)
         values, fields = resolve(aggregate.spec.params, request.query_params,
                                  principal.claims if auth else None, aggregate.columns,
                                  aggregate.spec.paged, export.QUERY_PARAMS if fmt else frozenset())
@@ -264,10 +274,15 @@ class Aggregates:
         known = self.etags.get(key)
         if known is not None and known[0] == versions and known[1] == bucket:
             return known[2]  # the 304 path: no hashing while nothing changed
-        etag = weak_etag(json.dumps(key, default=str), json.dumps(
-            [aggregate.tables, versions, bucket]))
-        if len(self.etags) >= 100_000:
-            self.etags.clear()
+        text = json.dumps(key, default=str)
+        etag = weak_etag(text, json.dumps([aggregate.tables, versions, bucket]))
+        if known is None:
+            # Bounded in bytes, keys included (parameter values are in the key): a flood of
+            # unique parameters costs at most ETAG_MEMO_BYTES, then the memo starts over.
+            self.etag_bytes += len(text) + ETAG_ENTRY_OVERHEAD
+            if self.etag_bytes > ETAG_MEMO_BYTES:
+                self.etags.clear()
+                self.etag_bytes = len(text) + ETAG_ENTRY_OVERHEAD
         self.etags[key] = (versions, bucket, etag)
         return etag
 

@@ -76,21 +76,27 @@ def accepts_gzip(header: str) -> bool:
     return False
 
 
+ENTRY_OVERHEAD = 500  # the entry, its ordered-dict slot, the key tuple: rounded up
+
+
 class Entry:
-    __slots__ = ("etag", "body", "gzipped")
+    __slots__ = ("etag", "body", "gzipped", "key_bytes")
 
     def __init__(self, etag: str, body: bytes) -> None:
         self.etag = etag
         self.body = body
         self.gzipped: bytes | None = None
+        self.key_bytes = 0
 
     @property
     def size(self) -> int:
-        return len(self.body) + len(self.gzipped or b"")
+        """What the cache really holds for this entry: bodies, key and overhead."""
+        return len(self.body) + len(self.gzipped or b"") + self.key_bytes + ENTRY_OVERHEAD
 
 
 class ResultCache:
-    """LRU of ``Entry`` by key, bounded by ``limit`` bytes of bodies."""
+    """LRU of ``Entry`` by key, bounded by ``limit`` bytes: bodies, keys (which hold the
+    parameter values) and a per-entry overhead."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -109,6 +115,7 @@ class ResultCache:
 
     def put(self, key: Hashable, entry: Entry) -> None:
         self.discard(key)
+        entry.key_bytes = len(repr(key))
         if entry.size * 4 > self.limit:
             return  # one huge result must not flush everything else
         self.entries[key] = entry

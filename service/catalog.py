@@ -55,18 +55,20 @@ class Aggregate:
         self.columns: tuple[str, ...] = ()
         self.headers: dict[str, str] = {}  # Cache-Control and Vary, set at start
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # (The aliases are unlikely names: a result column called like the alias would
+        # make to_jsonb(alias) encode that column instead of the row.)
         # One round trip returns the rows as a JSON array, encoded by to_jsonb; $n+1 lists
         # the columns ?fields= leaves out. Paged: $n+2 limit, $n+3 offset, plus the total.
         n = len(spec.order)
         if spec.paged:
             self.query = (
-                f"SELECT coalesce(jsonb_agg(to_jsonb(q) - '{TOTAL_COLUMN}'::text - ${n + 1}::text[]),"
-                f" '[]'::jsonb)::text, max(q.{TOTAL_COLUMN}) FROM (SELECT s.*, count(*) OVER ()"
-                f" AS {TOTAL_COLUMN} FROM ({spec.sql}) s LIMIT ${n + 2}::bigint"
-                f" OFFSET ${n + 3}::bigint) q")
+                f"SELECT coalesce(jsonb_agg(to_jsonb(_pgsse_r) - '{TOTAL_COLUMN}'::text - ${n + 1}::text[]),"
+                f" '[]'::jsonb)::text, max(_pgsse_r.{TOTAL_COLUMN}) FROM (SELECT _pgsse_s.*, count(*) OVER ()"
+                f" AS {TOTAL_COLUMN} FROM ({spec.sql}) _pgsse_s LIMIT ${n + 2}::bigint"
+                f" OFFSET ${n + 3}::bigint) _pgsse_r")
         else:
-            self.query = (f"SELECT coalesce(jsonb_agg(to_jsonb(q) - ${n + 1}::text[]),"
-                          f" '[]'::jsonb)::text FROM ({spec.sql}) q")
+            self.query = (f"SELECT coalesce(jsonb_agg(to_jsonb(_pgsse_r) - ${n + 1}::text[]),"
+                          f" '[]'::jsonb)::text FROM ({spec.sql}) _pgsse_r")
         self.count_query = f"SELECT count(*) FROM ({spec.sql}) s"
 
 
@@ -101,7 +103,7 @@ async def inspect(conn: Any, aggregate: Aggregate) -> None:
         except asyncpg.PostgresError as exc:
             raise AggregateFileError(spec.path, _line(spec, exc), _problem(exc)) from exc
         try:
-            probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) q LIMIT 0")
+            probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) _pgsse_r LIMIT 0")
             await probe.fetch(*nulls)
             await conn.prepare(aggregate.query)
         except asyncpg.PostgresError as exc:

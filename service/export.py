@@ -160,8 +160,8 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
 
     if fmt == "ndjson":
         dropped = [c for c in aggregate.columns if c not in kept]
-        line = f"(to_jsonb(q) - {bind(dropped, 'text[]')})::text" if dropped else "to_jsonb(q)::text"
-        source = f"FROM ({spec.sql}) q"
+        line = f"(to_jsonb(_pgsse_r) - {bind(dropped, 'text[]')})::text" if dropped else "to_jsonb(_pgsse_r)::text"
+        source = f"FROM ({spec.sql}) _pgsse_r"
     else:
         cells = ", ".join(f"c{i}" for i in range(len(kept)))
         quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else
@@ -169,12 +169,12 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
                   f" THEN '\"' || replace(v.c{i}, '\"', '\"\"') || '\"' ELSE v.c{i} END"
                   for i, c in enumerate(kept)]
         line = quoted[0] if len(kept) == 1 else f"concat_ws(',', {', '.join(quoted)})"
-        jsons = ", ".join(f"to_jsonb(q.{_ident(c)}) #>> '{{}}'" for c in kept)
-        source = (f"FROM ({spec.sql}) q CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
+        jsons = ", ".join(f"to_jsonb(_pgsse_r.{_ident(c)}) #>> '{{}}'" for c in kept)
+        source = (f"FROM ({spec.sql}) _pgsse_r CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
     where = ""
     order = ""
     if spec.export_order:
-        keys = [f"q.{_ident(c)}" for c, _ in spec.export_order]
+        keys = [f"_pgsse_r.{_ident(c)}" for c, _ in spec.export_order]
         bound = [bind(v, "text") + f"::{t}"
                  for v, t in zip(after or [], columns.key_types, strict=False)]
         directions = {desc for _, desc in spec.export_order}
@@ -189,7 +189,7 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
             where = " WHERE " + " OR ".join(terms)
         order = " ORDER BY " + ", ".join(
             f"{col}{' DESC' if desc else ''}" for col, (_, desc) in zip(keys, spec.export_order, strict=True))
-    count_sql = f"SELECT count(*) FROM ({spec.sql}) q{where}" if spec.export_count else None
+    count_sql = f"SELECT count(*) FROM ({spec.sql}) _pgsse_r{where}" if spec.export_count else None
     return Query(f"SELECT {line} {source}{where}{order}", count_sql, args)
 
 
@@ -212,7 +212,7 @@ class Exporter:
         async with conn.transaction():
             await conn.execute("SELECT set_config('role', 'pgsse_reader', true),"
                                " set_config('request.jwt.claims', '{}', true)")
-            probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) q LIMIT 0")
+            probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) _pgsse_r LIMIT 0")
             attributes = probe.get_attributes()
             bare = frozenset(a.name for a in attributes
                              if a.type.schema == "pg_catalog" and a.type.name in BARE_TYPES)

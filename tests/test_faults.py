@@ -156,7 +156,7 @@ async def test_prune_while_the_listener_is_away_resets_live_clients(
     server = start_server(url=url)
     start = await head(conn)
     clients = [RawStream(server.port, "topic=gap") for _ in range(5)]
-    await wait_for(lambda: stats(server)["streams"]["live"] == 5, 10, "5 live streams")
+    await wait_for(lambda: stats(server)["clients"] == 5, 10, "5 live streams")
     await refuse_logins(conn, role, "pgsse-listener")
     await wait_for(lambda: metric(server, "pgsse_feed_up") == 0, 10, "the listener to be away")
     for i in range(200):
@@ -208,7 +208,7 @@ async def test_a_bulk_transaction_keeps_every_fast_reader(
     start = await head(conn)
     readers = 20
     clients = [await _async_stream(server.port, "topic=bulk") for _ in range(readers)]
-    await wait_for(lambda: stats(server)["streams"]["live"] == readers, 10, "live readers")
+    await wait_for(lambda: stats(server)["clients"] == readers, 10, "live readers")
     await conn.execute(
         "SELECT realtime.publish('bulk', 'row', jsonb_build_object('i', g, 'pad', repeat('b', $1))) "
         "FROM generate_series(1, $2) g", size, events)
@@ -426,7 +426,7 @@ async def test_a_table_name_cannot_forge_sse_fields(start_server: Start,
     server = start_server()
     start = await head(conn)
     client = RawStream(server.port, "topic=evil")
-    await wait_for(lambda: stats(server)["streams"]["live"] == 1, 10, "live")
+    await wait_for(lambda: stats(server)["clients"] == 1, 10, "live")
     await conn.execute(f"INSERT INTO {quoted} VALUES (1)")
     client.read(10, until=lambda c: b"data: " in c.body and b"\n\n" in c.body.split(b"data: ", 1)[1])
     assert client.ids() == [start + 1], client.body
@@ -454,7 +454,7 @@ async def test_openapi_needs_a_token_redirects_are_relative_and_big_events_can_b
 
     start = await head(conn)
     client = RawStream(server.port, "topic=big", headers=auth)
-    await wait_for(lambda: stats_with(server, wide)["streams"]["live"] == 1, 10, "live")
+    await wait_for(lambda: stats_with(server, wide)["clients"] == 1, 10, "live")
     await conn.execute("SELECT realtime.publish('big', 'huge', jsonb_build_object('pad', repeat('h', 5000)))")
     client.read(10, until=lambda c: bool(c.ids()))
     data = json.loads(client.body.split(b"data: ", 1)[1].split(b"\n", 1)[0])
@@ -489,3 +489,41 @@ async def test_a_burst_after_an_idle_inbox_is_sequenced_quickly(
     began = time.monotonic()
     await wait_for(lambda: _at_least(conn, start + 30000), 10, "30,000 sequenced")
     assert time.monotonic() - began < 3
+
+
+# --- 4. every cache bounded in real bytes -------------------------------------------------
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_flood_of_unique_parameters_keeps_memory_bounded(start_server: Start, tmp_path: Any) -> None:
+    folder = tmp_path / "aggregates"
+    folder.mkdir()
+    (folder / "echo.sql").write_text(
+        "-- Echo one text parameter.\n-- param q: text = x\n-- cache: no-cache\nSELECT :q AS q\n")
+    server = start_server({"AGGREGATES_DIR": str(folder), "AGGREGATE_RATE_PER_SECOND": "1000000",
+                           "AGGREGATE_CACHE_BYTES": "1000000"})
+    assert server.proc is not None
+    statuses: dict[int, int] = {}
+    client_error = ""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for i in range(200):  # warm-up: allocator arenas, prepared statements
+            client.get("/aggregates/echo", params={"q": f"warm{i}"})
+        before = rss_kb(server.proc.pid)
+        for i in range(2500):
+            for length in (7000, 1000):
+                value = f"{i:06d}" + "v" * (length - 6)
+                status = client.get("/aggregates/echo", params={"q": value}).status_code
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 400 and length == 1000:
+                    client_error = client.get("/aggregates/echo", params={"q": value}).text
+        grown_mb = (rss_kb(server.proc.pid) - before) / 1024
+        cache = client.get("/stats").json()["cache"]
+    assert statuses == {200: 2500, 400: 2500}, (statuses, client_error)
+    assert cache["bytes"] <= 1_000_000
+    assert grown_mb < 20, f"RSS grew {grown_mb:.1f} MB for 5,000 unique-parameter requests"
