@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: help run test bench chaos lint clean
+.PHONY: help run stop test bench chaos lint clean
 
 help: ## list targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) ## embedded PostgreSQL (unless DATABASE_URL), demo data + writer, dashboard on :8000
 	DEMO=$${DEMO:-1} LOG_FORMAT=$${LOG_FORMAT:-text} $(VENV)/bin/pgsse serve
+
+stop: $(STAMP) ## stop the embedded PostgreSQL (make run stops it on Ctrl-C; this is for strays)
+	$(VENV)/bin/pgsse db --stop
 
 # The browser client's dev dependencies (eventsource-parser, typescript, query-core), from
 # clients/js/package-lock.json; without npm the JS tests skip (fail under PGSSE_REQUIRE_TOOLS=1).
@@ -39,5 +42,6 @@ lint: $(STAMP) ## ruff and mypy --strict
 	$(VENV)/bin/ruff check service tests bench
 	$(VENV)/bin/mypy
 
-clean: ## remove the venv and embedded database data
+clean: ## stop the embedded PostgreSQL, remove the venv and its data
+	-$(VENV)/bin/pgsse db --stop 2>/dev/null
 	rm -rf $(VENV) .data

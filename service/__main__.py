@@ -21,12 +21,15 @@ def _settings(**overrides: object) -> Settings:
         raise SystemExit(2) from exc
 
 
-def _database_url(settings: Settings) -> str:
+def _database_url(settings: Settings, stop_at_exit: bool = False) -> str:
     if settings.database_url:
         return settings.database_url
     from .db import embedded_database_url
 
-    return embedded_database_url(settings.data_dir)
+    if stop_at_exit:
+        print(f"  embedded PostgreSQL in {settings.data_dir / 'pg'} (stopped when pgsse "
+              "serve exits; data kept)", file=sys.stderr, flush=True)
+    return embedded_database_url(settings.data_dir, stop_at_exit)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -41,7 +44,7 @@ def serve(args: argparse.Namespace) -> None:
     # Each fan-out allocates per client; with 10k long-lived streams the default young
     # generation threshold runs the collector so often that it doubles fan-out latency.
     gc.set_threshold(50_000, 20, 100)
-    url = _database_url(settings)
+    url = _database_url(settings, stop_at_exit=True)
     try:
         app = create_app(settings, url)
     except AggregateFileError as exc:
@@ -68,7 +71,11 @@ def serve(args: argparse.Namespace) -> None:
         base = f"http://{host}:{settings.port}"
         print(f"\n  pgsse demo dashboard: {base}/\n  try: curl -N '{base}/events?topic=orders'\n",
               file=sys.stderr, flush=True)
-    Server(config).run()
+    try:
+        Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises Ctrl-C after its clean shutdown: no traceback for that.
+        raise SystemExit(130) from None
 
 
 def migrate(args: argparse.Namespace) -> None:
@@ -141,7 +148,21 @@ def token(args: argparse.Namespace) -> None:
 
 def database(args: argparse.Namespace) -> None:
     settings = _settings()
-    print(_database_url(settings))
+    if args.stop:
+        from .db import stop_embedded
+
+        if settings.database_url:
+            print("pgsse: DATABASE_URL is set: there is no embedded PostgreSQL to stop",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        stopped = stop_embedded(settings.data_dir)
+        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL is not running")
+        return
+    url = _database_url(settings)
+    print(url)
+    if not settings.database_url:
+        print("(the embedded PostgreSQL keeps running: `make stop` or `pgsse db --stop`)",
+              file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     export_cli.add_arguments(p)
     p.set_defaults(func=export_cli.run)
     p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
+    p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL instead")
     p.set_defaults(func=database)
     args = parser.parse_args(argv)
     args.func(args)

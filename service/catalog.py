@@ -16,6 +16,7 @@ start-up (``AggregateFileError``: file, line, problem) instead of failing reques
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +149,18 @@ async def plan_relations(conn: Any, sql: str, params: int) -> set[tuple[str, str
     return found
 
 
+_DENIED = re.compile(r"permission denied for (table|view|materialized view|schema|sequence) (\S+)")
+
+
 def _problem(exc: asyncpg.PostgresError) -> str:
     hint = getattr(exc, "hint", None)
+    denied = _DENIED.search(str(exc))
+    if denied is not None:
+        # Aggregates run as pgsse_reader: say the statement that fixes it.
+        kind, name = denied.groups()
+        grant = (f"GRANT USAGE ON SCHEMA {name} TO pgsse_reader;" if kind == "schema" else
+                 f"GRANT SELECT ON {name} TO pgsse_reader;")
+        hint = f"aggregates run as the role pgsse_reader; run: {grant}"
     return f"{exc.sqlstate}: {exc}" + (f" (hint: {hint})" if hint else "")
 
 

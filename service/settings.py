@@ -109,7 +109,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "json"
     max_event_bytes: int = 256 * 1024
-    client_buffer_bytes: int = 1024 * 1024
+    client_buffer_bytes: int = 64 * 1024
     max_connections: int = 15000
     max_connections_per_client: int = 64
     aggregate_rate_per_second: float = 50.0

@@ -252,6 +252,20 @@ def test_broken_file_stops_startup_naming_file_and_line(tmp_path: Path, database
     assert result.returncode == 2 and "broken.sql" in result.stderr and "no_such_table" in result.stderr
 
 
+async def test_a_missing_grant_stops_startup_naming_the_statement(
+        tmp_path: Path, database: str, conn: asyncpg.Connection) -> None:
+    await conn.execute("CREATE TABLE private_notes (id int PRIMARY KEY, body text)")
+    folder = tmp_path / "aggs"
+    folder.mkdir()
+    (folder / "notes.sql").write_text("-- Notes.\nSELECT count(*) AS n FROM private_notes\n")
+    env = {"DATABASE_URL": database, "AGGREGATES_DIR": str(folder), "PATH": "/usr/bin:/bin",
+           "PORT": "0"}
+    result = subprocess.run([sys.executable, "-m", "pgsse", "serve"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "notes.sql" in result.stderr
+    assert "GRANT SELECT ON private_notes TO pgsse_reader;" in result.stderr, result.stderr[-800:]
+
+
 async def test_ttl_head_304_and_gzip_refused(start_server: Start, agg_dir: Path) -> None:
     (agg_dir / "ticking.sql").write_text(
         "-- Sales count, with a clock.\n-- ttl: 1s\n-- cache: max-age=1\n"
