@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from pgsse import metrics
 from pgsse.settings import ConfigError, Settings
 
