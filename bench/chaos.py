@@ -8,6 +8,9 @@ on a fresh database) and a real PostgreSQL (embedded under .data/chaos, or
 dropped clients, RSS and fd delta, pass/fail. Writes bench/results/chaos/chaos.json and
 chaos.png; exits non-zero when any scenario fails.
 
+``--ref REV`` runs the service exported from a git revision (under .data/chaos/src)
+instead of the work tree, so a run measures committed code while others edit.
+
 Loss is judged per client against what PostgreSQL committed (``realtime.events``, read
 before any prune): a committed position a client never received is *lost* unless an
 ``event: reset`` covering it arrived before the stream moved past it. Scenarios and what
@@ -96,7 +99,8 @@ def plot(results: list[Result], path: Any, title: str) -> None:
     for cell in cells:
         if len(cell[1]) > 48:
             cell[1] = cell[1][:47] + "…"
-    fig, ax = plt.subplots(figsize=(16, 0.45 * (len(cells) + 2) + 0.6))
+    notes = [f"FAIL {r.scenario}: {r.verdict}"[:170] for r in results if not r.passed]
+    fig, ax = plt.subplots(figsize=(13, 0.32 * (len(cells) + len(notes) + 3) + 0.6))
     ax.axis("off")
     tbl = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="center")
     tbl.auto_set_font_size(False)
@@ -110,6 +114,8 @@ def plot(results: list[Result], path: Any, title: str) -> None:
     for j in range(len(cols)):
         tbl[0, j].set_facecolor("#dddddd")
     ax.set_title(title, fontsize=10)
+    if notes:
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom", family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

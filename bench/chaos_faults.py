@@ -172,7 +172,7 @@ async def readiness(run: Run) -> Result:
             probes[status] = probes.get(status, 0) + 1
             await asyncio.sleep(0.1)
         published = await writer
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, clients)
         await finish(tasks, 30)
         truth = await truth_of(conn, topic)
         tally_clients(result, clients, truth)
@@ -386,9 +386,11 @@ async def crlf_table(run: Run) -> Result:
             tasks = await run_clients(clients, 30)
             await wait_clients(service, 2)
             await conn.execute(f"INSERT INTO public.{quoted} SELECT generate_series(1, 3)")
-            await publish_end(conn, topic)
+            end = await publish_end(conn, topic, clients)
             await finish(tasks, 20)
             replay = SseClient(service.port, topic, last_id=str(head))
+            if end is not None:
+                replay.end_at(end)
             await finish(await run_clients([replay], 20), 25)
             clients.append(replay)
             received = [sum(1 for i in c.items if i[0] == "e") for c in clients]

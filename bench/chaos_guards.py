@@ -114,7 +114,7 @@ async def _guard(run: Run, name: str, load: str, fault: object, n_clients: int =
         if conn.is_closed():
             conn = await run.pg.admin(database)
         ready = await wait_until(lambda: _ready(service), 30, 0.1)
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, clients)
         await finish(tasks, 45)
         truth = await truth_of(conn, topic)
         await conn.close()
@@ -210,7 +210,7 @@ async def churn(run: Run) -> Result:
         async def settled() -> bool:
             return await service.metric("pgsse_connected_clients") <= 1
         result.figures["clients_back_to_1"] = bool(await wait_until(settled, 10, 0.2))
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, [canary])
         await finish([canary_task], 30)
         truth = await truth_of(conn, topic)
         tally_clients(result, [canary], truth)

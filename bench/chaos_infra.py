@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -413,9 +413,20 @@ class SseClient:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     error: str | None = None
     start_id: str | None = None
+    end_position: int | None = None
+    max_reset: int = -1
+    _transport: asyncio.WriteTransport | None = None
 
     def __post_init__(self) -> None:
         self.start_id = self.last_id
+
+    def end_at(self, position: int) -> None:
+        """The end marker is at ``position``: done once it or a reset covering it arrives."""
+        self.end_position = position
+        if self.max_reset >= position and not self.done:
+            self.done = True
+            if self._transport is not None:
+                self._transport.abort()  # wake the read; run() sees done, counts no drop
 
     def request(self) -> bytes:
         extra = f"Last-Event-ID: {self.last_id}\r\n" if self.last_id is not None else ""
@@ -448,6 +459,7 @@ class SseClient:
             self.error = repr(exc)
             return True
         self.connects += 1
+        self._transport = writer.transport
         try:
             writer.write(self.request())
             head = await reader.readuntil(b"\r\n\r\n")
@@ -514,6 +526,10 @@ class SseClient:
         position = int(ident) if ident is not None and ident.isdigit() else None
         if kind == b"reset":
             self.items.append(("r", position))
+            if position is not None:
+                self.max_reset = max(self.max_reset, position)
+                if self.end_position is not None and position >= self.end_position:
+                    self.done = True
         elif kind == END_TYPE:
             self.done = True
         else:
@@ -626,8 +642,22 @@ async def inbox_empty(conn: asyncpg.Connection) -> bool:
     return not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM realtime.inbox)")
 
 
-async def publish_end(conn: asyncpg.Connection, topic: str) -> None:
+async def publish_end(conn: asyncpg.Connection, topic: str,
+                      clients: Sequence[SseClient] = ()) -> int | None:
+    """Publish the end marker; once sequenced, tell ``clients`` its position (a reset at or
+    past it ends them too: a reset's id may lawfully cover it). Returns the position."""
     await conn.execute("SELECT realtime.publish($1, 'chaos.end', '{}'::jsonb)", topic)
+
+    async def sequenced() -> int | None:
+        value: int | None = await conn.fetchval(
+            "SELECT max(position) FROM realtime.events WHERE topics = ARRAY[$1] "
+            "AND type = 'chaos.end'", topic)
+        return value
+    position: int | None = await wait_until(sequenced, 30, 0.02)
+    if position is not None:
+        for client in clients:
+            client.end_at(position)
+    return position
 
 
 async def wait_clients(service: Service, count: int, timeout: float = 20.0) -> bool:

@@ -110,6 +110,11 @@ def tally_clients(result: Result, clients: list[SseClient],
     result.figures["drops_total"] = sum(c.drops for c in clients)
     result.figures["clients_finished"] = sum(1 for c in clients if c.done)
     result.figures["forged_frames"] = sum(len(c.forged) for c in clients)
+    stuck = [c for c in clients if not c.done]
+    if stuck:  # what an unfinished client saw, to tell a stalled stream from a slow reader
+        result.figures["unfinished_examples"] = [
+            {"connects": c.connects, "drops": c.drops, "events": len(c.items) - c.resets,
+             "resets": c.resets, "last_id": c.last_id, "error": c.error} for c in stuck[:3]]
     return total
 
 
@@ -186,7 +191,7 @@ async def prune_listener_away(run: Run) -> Result:
         await run.pg.refuse_logins(False, terminate=None)
         ready = await wait_until(lambda: _ready(service), 30, 0.1)
         result.figures["ready_after_restore"] = bool(ready)
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, clients)
         await finish(tasks, 45)
         tally_clients(result, clients, truth)
         await base.deltas(result)
@@ -226,7 +231,7 @@ async def prune_mid_replay(run: Run) -> Result:
         received_at_prune = sum(len(c.items) for c in clients)
         pruned = await conn.fetchval("SELECT realtime.prune('0')")
         result.figures.update(pruned=pruned, received_when_pruned=received_at_prune)
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, clients)
         await finish(tasks, 45)
         tally_clients(result, clients, truth)
         await base.deltas(result)
@@ -249,7 +254,7 @@ async def bulk(run: Run) -> Result:
         await wait_clients(service, n_clients)
         await publish_series(conn, topic, 10_000, pad=1000)
         await publish_series(conn, topic, 5, start=10_001, pad=250_000, w=1)
-        await publish_end(conn, topic)
+        await publish_end(conn, topic, clients)
         await finish(tasks, 45)
         truth = await truth_of(conn, topic)
         tally_clients(result, clients, truth)
@@ -268,11 +273,14 @@ async def bulk(run: Run) -> Result:
 async def zombies(run: Run) -> Result:
     n_zombies = 50
     result = Result("zombie_sockets", f"{n_zombies} clients stop reading (SO_RCVBUF 4 KB) "
-                    "while 25 x 4 KB transactions flow")
+                    "while 25 x 4 KB transactions flow at 1 MB/s")
     topic = "chaos_zombie"
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
-    async with service_on_fresh_db(run.pg, result.scenario) as (service, conn):
+    # Slow = behind for SLOW_CLIENT_SECONDS (where the service has that setting): 5 s keeps
+    # what each zombie must replay on resuming small.
+    async with service_on_fresh_db(run.pg, result.scenario, {"SLOW_CLIENT_SECONDS": "5"}) as (
+            service, conn):
         base = Baseline(service)
         dropped0 = await service.metric("pgsse_slow_clients_dropped_total")
         canary = (await live_clients(service, conn, topic, 1))[0]
@@ -297,16 +305,16 @@ async def zombies(run: Run) -> Result:
             n = 2
             started = time.monotonic()
             dropped = 0.0
-            # Small transactions (25 x 4 KB), so a drop comes from a reader that stays
-            # behind, not from one batch larger than a client's buffer.
-            for i in range(4000):
+            # Small transactions (25 x 4 KB) at 1 MB/s, so a drop comes from a reader that
+            # stays behind, not from one batch larger than a client's buffer.
+            for i in range(400):  # at most 40 s
                 await publish_series(conn, topic, 25, start=n, pad=4000)
                 n += 25
-                if i % 20 == 19:
+                if i % 5 == 4:
                     dropped = await service.metric("pgsse_slow_clients_dropped_total") - dropped0
-                    if dropped >= n_zombies or time.monotonic() - started > 40:
+                    if dropped >= n_zombies:
                         break
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(max(0.0, started + (i + 1) * 0.1 - time.monotonic()))
             drop_time = time.monotonic()
             result.figures.update(events_to_drop=n - 1, slow_dropped_metric=dropped,
                                   fds_with_zombies=fds_with_zombies - base.fds,
@@ -329,8 +337,11 @@ async def zombies(run: Run) -> Result:
             for sock in socks:
                 sock.close()
         # They come back with their last id and must lose nothing.
-        await publish_end(conn, topic)
+        end = await publish_end(conn, topic, [canary])
         resumed = [SseClient(service.port, topic, last_id=i) for i in zombie_ids if i]
+        for client in resumed:
+            if end is not None:
+                client.end_at(end)
         await finish(await run_clients(resumed, 60), 70)
         await finish([canary_task], 60)
         truth = await truth_of(conn, topic)
