@@ -55,6 +55,7 @@ from .caching import (
 from .catalog import Aggregate
 from .errors import BadRequest, NotFound, PgsseError, Unavailable
 from .hub import Event, Subscription, Transient
+from .queries import query
 from .settings import Settings
 from .sqlparams import resolve
 from .topics import covers
@@ -114,7 +115,7 @@ class Aggregates:
                 await catalog.inspect(conn, aggregate)
                 await self.exporter.prepare(conn, aggregate)
             watched = await catalog.watched_tables(conn)
-            rows = await conn.fetch("SELECT tbl, position FROM realtime.table_versions")
+            rows = await conn.fetch(query("table_versions"))
         for row in rows:
             self._bump(row["tbl"], row["position"])
         self._bump(catalog.EVENTS_TABLE, state.hub.position)
@@ -301,10 +302,7 @@ class Aggregates:
         self.queries += 1
         try:
             async with state.pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute(
-                    "SELECT set_config('role', 'pgsse_reader', true),"
-                    " set_config('request.jwt.claims', $1, true),"
-                    " set_config('statement_timeout', $2, true)", claims, QUERY_TIMEOUT)
+                await conn.execute(query("become_reader"), claims, QUERY_TIMEOUT)
                 row = await conn.fetchrow(aggregate.query, *args)
                 total = None
                 if spec.paged:

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from .queries import query
 from .settings import SQL_DIR, Settings
 from .sqlfiles import AggregateFile, AggregateFileError, parse
 
@@ -30,18 +31,6 @@ TOTAL_COLUMN = "__pgsse_total"
 # latest position (pruning does not count; ``event_types.sql`` has a ttl for that).
 EVENTS_TABLE = "realtime.events"
 
-WATCHED_SQL = """
-SELECT n.nspname || '.' || c.relname AS t FROM realtime.watches w
-JOIN pg_class c ON c.oid = w.tbl JOIN pg_namespace n ON n.oid = c.relnamespace
-"""
-# Every relation of the partition trees the given (schema, name) pairs belong to.
-PARTITIONS_SQL = """
-SELECT DISTINCT n.nspname || '.' || c.relname AS t
-FROM unnest($1::text[], $2::text[]) AS r(nsp, rel)
-CROSS JOIN LATERAL pg_partition_tree(
-    pg_partition_root(to_regclass(format('%I.%I', r.nsp, r.rel)))) p
-JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-"""
 
 
 class Aggregate:
@@ -87,7 +76,7 @@ def load_files(settings: Settings) -> list[AggregateFile]:
 
 
 async def watched_tables(conn: Any) -> set[str]:
-    return {row["t"] for row in await conn.fetch(WATCHED_SQL)} | {EVENTS_TABLE}
+    return {row["t"] for row in await conn.fetch(query("watched_tables"))} | {EVENTS_TABLE}
 
 
 async def inspect(conn: Any, aggregate: Aggregate) -> None:
@@ -95,10 +84,7 @@ async def inspect(conn: Any, aggregate: Aggregate) -> None:
     spec = aggregate.spec
     nulls = [None] * len(spec.order)
     async with conn.transaction():
-        await conn.execute("SELECT set_config('role', 'pgsse_reader', true),"
-                           " set_config('request.jwt.claims', '{}', true),"
-                           " set_config('statement_timeout', '10s', true),"
-                           " set_config('plan_cache_mode', 'force_generic_plan', true)")
+        await conn.execute(query("become_inspector"))
         try:
             await conn.prepare(spec.sql)
         except asyncpg.PostgresError as exc:
@@ -125,7 +111,7 @@ async def inspect(conn: Any, aggregate: Aggregate) -> None:
         except asyncpg.PostgresError as exc:
             raise AggregateFileError(spec.path, spec.line, f"EXPLAIN failed: {_problem(exc)}") from exc
         schemas, names = [s for s, _ in found], [r for _, r in found]
-        tree = {row["t"] for row in await conn.fetch(PARTITIONS_SQL, schemas, names)}
+        tree = {row["t"] for row in await conn.fetch(query("partition_trees"), schemas, names)}
         aggregate.tables = tuple(sorted({f"{s}.{r}" for s, r in found} | tree))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from .errors import Unavailable
+from .queries import Lock, query
 from .settings import SQL_DIR
 
 log = logging.getLogger("pgsse.db")
@@ -77,9 +78,6 @@ async def wait_for_pool(url: str, stop: asyncio.Event | None = None, **kwargs: A
             delay = min(delay * 2, 5.0)
 
 
-MIGRATION_LOCK = 7013170583925
-
-
 class MigrationError(RuntimeError):
     """The package ships no migrations (a broken install): nothing would be created."""
 
@@ -130,16 +128,13 @@ async def migrate(conn: Connection) -> list[str]:
                              "installation is incomplete (its SQL is package data)")
     applied = []
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await conn.execute(
-            "CREATE SCHEMA IF NOT EXISTS realtime;"
-            "CREATE TABLE IF NOT EXISTS realtime.migrations ("
-            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        done = {row["name"] for row in await conn.fetch("SELECT name FROM realtime.migrations")}
+        await conn.execute(query("take_lock"), Lock.MIGRATE)
+        await conn.execute(query("migrations_table"))
+        done = {row["name"] for row in await conn.fetch(query("applied_migrations"))}
         for path in files:
             if path.name in done:
                 continue
             await conn.execute(path.read_text())
-            await conn.execute("INSERT INTO realtime.migrations (name) VALUES ($1)", path.name)
+            await conn.execute(query("record_migration"), path.name)
             applied.append(path.name)
     return applied

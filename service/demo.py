@@ -8,20 +8,10 @@ import random
 
 import asyncpg
 
+from .queries import query
 from .settings import SQL_DIR
 
 log = logging.getLogger("pgsse.demo")
-
-SEED_ORDERS_SQL = """
-INSERT INTO demo.orders (store_id, product_id, quantity, total, status, created_at, updated_at)
-SELECT p.store_id, p.id, q, p.price * q,
-       (ARRAY['pending','paid','shipped','delivered','cancelled'])[1 + (g % 5)],
-       now() - (g % 90) * interval '1 day' - (g % 1440) * interval '1 minute',
-       now() - (g % 90) * interval '1 day'
-FROM generate_series(1, $1::int) AS g
-CROSS JOIN LATERAL (SELECT 1 + (g * 7) % 4 AS q) qty
-JOIN demo.products p ON p.id = 1 + (g * 13) % 30
-"""
 
 NEXT_STATUS = {"pending": "paid", "paid": "shipped", "shipped": "delivered"}
 
@@ -29,11 +19,11 @@ NEXT_STATUS = {"pending": "paid", "paid": "shipped", "shipped": "delivered"}
 async def install(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, orders: int = 2000) -> None:
     """Create the demo schema (idempotent) and seed orders when there are none."""
     await conn.execute((SQL_DIR / "demo" / "schema.sql").read_text())
-    if not await conn.fetchval("SELECT EXISTS (SELECT 1 FROM demo.orders)"):
+    if not await conn.fetchval(query("demo_has_orders")):
         async with conn.transaction():
             # The seed is history, not news: keep it out of the event log.
             await conn.execute("ALTER TABLE demo.orders DISABLE TRIGGER pgsse_capture_insert")
-            await conn.execute(SEED_ORDERS_SQL, orders)
+            await conn.execute(query("demo_seed_orders"), orders)
             await conn.execute("ALTER TABLE demo.orders ENABLE TRIGGER pgsse_capture_insert")
         await conn.execute("ANALYZE demo.orders")
     log.info("demo installed", extra={"event": "demo_installed"})
@@ -69,29 +59,19 @@ class Writer:
     async def step(self, conn: asyncpg.Connection) -> None:
         roll = random.random()
         if roll < 0.5:
-            await conn.execute(
-                "INSERT INTO demo.orders (store_id, product_id, quantity, total) "
-                "SELECT store_id, id, $2::int, price * $2::int FROM demo.products WHERE id = $1",
-                random.randint(1, 30), random.randint(1, 5))
+            await conn.execute(query("demo_new_order"), random.randint(1, 30),
+                               random.randint(1, 5))
         elif roll < 0.95:
-            row = await conn.fetchrow(
-                "SELECT id, status FROM demo.orders WHERE status IN ('pending','paid','shipped') "
-                "AND store_id = $1 ORDER BY created_at DESC LIMIT 1 OFFSET $2",
-                random.randint(1, 3), random.randint(0, 5))
+            row = await conn.fetchrow(query("demo_open_order"), random.randint(1, 3),
+                                      random.randint(0, 5))
             if row is not None:
                 status = "cancelled" if random.random() < 0.05 else NEXT_STATUS[row["status"]]
-                await conn.execute(
-                    "UPDATE demo.orders SET status = $2, updated_at = now() WHERE id = $1",
-                    row["id"], status)
+                await conn.execute(query("demo_set_status"), row["id"], status)
         else:
             store = random.randint(1, 3)
             async with conn.transaction():
-                payout_id = await conn.fetchval(
-                    "INSERT INTO demo.payouts (store_id, amount) VALUES ($1, $2) RETURNING id",
-                    store, round(random.uniform(50, 500), 2))
-                await conn.execute(
-                    "UPDATE demo.payouts SET status = 'paid' WHERE id = $1", payout_id)
-                await conn.execute(
-                    "SELECT realtime.publish($1, 'payout.status.changed', "
-                    "jsonb_build_object('payout_id', $2::bigint, 'store_id', $3::int, 'status', 'paid'))",
-                    f"payouts/{store}", payout_id, store)
+                payout_id = await conn.fetchval(query("demo_new_payout"), store,
+                                                round(random.uniform(50, 500), 2))
+                await conn.execute(query("demo_pay_payout"), payout_id)
+                await conn.execute(query("demo_publish_payout"), f"payouts/{store}", payout_id,
+                                   store)

@@ -50,6 +50,7 @@ from . import metrics
 from .caching import accepts_gzip
 from .catalog import Aggregate
 from .errors import BadRequest, PgsseError, TooManyRequests, Unavailable
+from .queries import query as named_query
 from .sqlfiles import AggregateFile, AggregateFileError
 
 log = logging.getLogger("pgsse.export")
@@ -210,8 +211,7 @@ class Exporter:
                                      f"export: no result column {missing[0]!r}; columns: "
                                      f"{', '.join(aggregate.columns)}")
         async with conn.transaction():
-            await conn.execute("SELECT set_config('role', 'pgsse_reader', true),"
-                               " set_config('request.jwt.claims', '{}', true)")
+            await conn.execute(named_query("become_reader"), "{}", "10s")
             probe = await conn.prepare(f"SELECT * FROM ({spec.sql}) _pgsse_r LIMIT 0")
             attributes = probe.get_attributes()
             bare = frozenset(a.name for a in attributes
@@ -334,12 +334,8 @@ class ExportResponse(Response):
             async with self.pool.acquire() as conn:
                 async with conn.transaction(isolation="repeatable_read", readonly=True):
                     try:
-                        await conn.execute(
-                            "SELECT set_config('role', 'pgsse_reader', true),"
-                            " set_config('request.jwt.claims', $1, true),"
-                            " set_config('statement_timeout', $2, true),"
-                            " set_config('idle_in_transaction_session_timeout', $3, true)",
-                            self.claims, STATEMENT_TIMEOUT, IDLE_TIMEOUT)
+                        await conn.execute(named_query("become_exporter"), self.claims,
+                                           STATEMENT_TIMEOUT, IDLE_TIMEOUT)
                         total = None
                         if self.query.count_sql is not None:
                             total = await conn.fetchval(self.query.count_sql, *self.query.args)
