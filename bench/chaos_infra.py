@@ -188,8 +188,17 @@ class Postgres:
                                 "-o", opts, "start")
 
     async def close(self) -> None:
-        if self.embedded and self.server is not None:
-            await asyncio.to_thread(self.server.cleanup)  # pg_ctl stop (cleanup_mode "stop")
+        if not self.embedded or self.server is None:
+            return
+        # Our own pg_ctl stop: after a restart scenario the library's handle names a
+        # postmaster that is gone, and its cleanup would leave the new one running.
+        if (self.pgdata / "postmaster.pid").exists():
+            try:
+                await self.stop_server()
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+                log(f"pg_ctl stop failed: {exc!r}")
+        self.server.cleanup_mode = None
+        await asyncio.to_thread(self.server.cleanup)  # forget the handle, stop nothing
 
     def url(self, database: str, user: str | None = None) -> str:
         return url_with(self.admin_url, user=user, database=database)
