@@ -2,9 +2,9 @@
 
 Start-up, in the background (``/readyz`` says 503 meanwhile): the pool (retried with backoff
 while PostgreSQL is down), migrations, the demo schema, then the sequencer, the listener, the
-hub's sweeper and the demo writer, then aggregates once the feed has its position. A broken
-aggregate file is the one start-up failure that stops the process (``StartupFailed``,
-exit 2, naming the file and line). Shutdown: drain streams first, then set ``stop``, which
+hub's sweeper and the demo writer, then aggregates once the feed has its position. Any other
+start-up failure (a broken aggregate file, a failing migration, a role the service cannot
+use) is logged with its reason and stops the process with status 2. Shutdown: drain streams first, then set ``stop``, which
 every loop waits on, and wait for them within ``SHUTDOWN_GRACE_SECONDS``.
 """
 
@@ -57,7 +57,7 @@ class Lifecycle:
         if not self.settings.auth_enabled:
             log.warning("AUTH_SECRET is not set: every stream and aggregate is open to anyone",
                         extra={"event": "auth_disabled"})
-        self._starter = asyncio.create_task(self._start(), name="start")
+        self._starter = asyncio.create_task(self._start_or_exit(), name="start")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -71,6 +71,24 @@ class Lifecycle:
             await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_seconds)
         await self.database.close()
         log.info("stopped", extra={"event": "stopped"})
+
+    async def _start_or_exit(self) -> None:
+        """The one start-up failure path: a broken aggregate file, a migration that fails,
+        a role the service cannot use — logged with the reason, and the process exits 2
+        (a database that is down is not a failure: it is retried, ``/readyz`` says 503)."""
+        try:
+            await self._start()
+        except asyncio.CancelledError:
+            raise
+        except AggregateFileError as exc:
+            self._fail(str(exc), "aggregate_invalid", None)
+        except Exception as exc:
+            self._fail(f"start-up failed: {exc!r}", "startup_failed", exc)
+
+    def _fail(self, message: str, event: str, exc: BaseException | None) -> None:
+        log.critical(message, exc_info=exc, extra={"event": event})
+        print(f"pgsse: {message}", file=sys.stderr, flush=True)
+        os._exit(2)  # from a background task: the only way to stop uvicorn with a status
 
     async def _start(self) -> None:
         settings = self.settings
@@ -91,13 +109,7 @@ class Lifecycle:
             self._spawn(demo.Writer(self.database.url, settings.demo_rate).run(self.stop),
                         "demo-writer")
         await self.listener.started.wait()
-        try:
-            await self.aggregates.start()
-        except AggregateFileError as exc:
-            # A broken aggregate stops start-up, naming the file, the line and the problem.
-            log.critical(str(exc), extra={"event": "aggregate_invalid"})
-            print(f"pgsse: {exc}", file=sys.stderr, flush=True)
-            os._exit(2)  # from a background task: the only way to stop uvicorn with a status
+        await self.aggregates.start()  # a broken file names itself, its line and the problem
         log.info("ready", extra={"event": "started", "position": self.hub.position})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

