@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from pgsse import queries
 from pgsse.queries import Lock, parse, query
 
