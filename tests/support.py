@@ -145,8 +145,13 @@ def parse_frames(buffer: str, stream: SseStream) -> str:
 async def read_sse(
     url: str, *, params: Any = None, headers: dict[str, str] | None = None,
     until: Any = None, timeout: float = 10.0, max_events: int | None = None,
+    opened: asyncio.Event | None = None,
 ) -> SseStream:
-    """Read one SSE response until ``until(stream)`` is true, it ends, or ``timeout``."""
+    """Read one SSE response until ``until(stream)`` is true, it ends, or ``timeout``.
+
+    ``opened`` is set when the stream's opening ``retry:`` arrives: the server sends it just
+    after subscribing the stream to the hub, so every event committed after that is
+    delivered (see ``open_stream``)."""
     stream = SseStream()
     buffer = ""
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=timeout)) as client:
@@ -162,6 +167,8 @@ async def read_sse(
                         return stream
                     async for chunk in response.aiter_text():
                         buffer = parse_frames(buffer + chunk, stream)
+                        if opened is not None and stream.retries:
+                            opened.set()
                         if until is not None and until(stream):
                             return stream
                         if max_events is not None and len(stream.events) >= max_events:
@@ -177,10 +184,11 @@ async def read_sse(
 
 async def read_sse_resuming(
     url: str, *, params: Any = None, until: Any = None, timeout: float = 30.0,
-    last_id: str | None = None,
+    last_id: str | None = None, opened: asyncio.Event | None = None,
 ) -> tuple[SseStream, int]:
     """Like a browser's EventSource: reconnect with ``Last-Event-ID`` whenever the stream
-    ends, until ``until(total)`` holds or ``timeout``. Returns all events and the reconnects."""
+    ends, until ``until(total)`` holds or ``timeout``. Returns all events and the reconnects.
+    ``opened`` is set when the first connection's ``retry:`` arrives (see ``read_sse``)."""
     total = SseStream()
     reconnects = -1
     deadline = time.monotonic() + timeout
@@ -193,7 +201,7 @@ async def read_sse_resuming(
             return until is not None and until(merged)
 
         part = await read_sse(url, params=params, headers=headers, until=done,
-                              timeout=max(0.1, deadline - time.monotonic()))
+                              timeout=max(0.1, deadline - time.monotonic()), opened=opened)
         total.status = part.status
         total.headers = part.headers
         total.events.extend(part.events)
@@ -208,3 +216,62 @@ async def read_sse_resuming(
             break
         await asyncio.sleep(0.05)
     return total, reconnects
+
+
+async def open_stream(url: str, *, resuming: bool = False, open_timeout: float = 10.0,
+                      **kwargs: Any) -> asyncio.Task[Any]:
+    """Start reading an SSE stream in a task; return the task once the stream is open.
+
+    "Open" is the stream's opening ``retry:``: the server subscribes the stream to the hub
+    before sending it, so an event committed after this returns is delivered. The task
+    returns what ``read_sse`` (or, with ``resuming``, ``read_sse_resuming``) returns."""
+    opened = asyncio.Event()
+    reader = read_sse_resuming if resuming else read_sse
+    task: asyncio.Task[Any] = asyncio.create_task(reader(url, opened=opened, **kwargs))
+    waiter = asyncio.create_task(opened.wait())
+    try:
+        await asyncio.wait({task, waiter}, timeout=open_timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not opened.is_set():
+        if task.done():
+            raise AssertionError(f"the stream ended before it opened: {task.result()!r}")
+        task.cancel()
+        raise AssertionError(f"the stream did not open within {open_timeout}s")
+    return task
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate()`` (sync or async) until it returns a truthy value; return it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def stats(server: ServerProcess, headers: dict[str, str] | None = None) -> Any:
+    """The server's ``/stats`` JSON."""
+    return httpx.get(server.url + "/stats", headers=headers, timeout=5).json()
+
+
+def metric(server: ServerProcess, sample: str) -> float:
+    """The value of one ``/metrics`` sample, e.g. ``pgsse_feed_up`` or
+    ``pgsse_replays_total{source="memory"}`` (0 when absent)."""
+    for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
+def log_records(server: ServerProcess) -> list[dict[str, Any]]:
+    """The server's JSON log lines, parsed."""
+    return [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]

@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import SseStream, read_sse, read_sse_resuming
+from tests.support import SseStream, eventually, metric, open_stream, read_sse, read_sse_resuming
 
 Start = Callable[..., Any]
 
@@ -109,7 +109,8 @@ async def stream_while(url: str, start_position: int, done: asyncio.Event,
 async def exactly_once_scenario(server: Any, conn: asyncpg.Connection, database: str,
                                 target: int, chaos: Callable[[asyncio.Event], Any] | None = None) -> None:
     await make_items(conn)
-    await asyncio.sleep(0.3)
+    # Every change so far numbered: the readers start from a final head.
+    await eventually(lambda: conn.fetchval("SELECT count(*) = 0 FROM realtime.inbox"))
     start = await head(conn)
     expected: dict[str, int | None] = {name: None for name in CLIENTS}
     done = asyncio.Event()
@@ -176,28 +177,31 @@ async def wait_head(conn: asyncpg.Connection, at_least: int, timeout: float = 10
 
 async def test_stream_format_headers_and_prefix_rules(server: Any, conn: asyncpg.Connection) -> None:
     url = server.url + "/events"
-    tasks = {
-        "orders": asyncio.create_task(read_sse(url, params={"topic": "orders"}, timeout=5,
-                                               until=lambda s: len(s.events) >= 3)),
-        "orders/4": asyncio.create_task(read_sse(url, params={"topic": "orders/4"}, timeout=2)),
-    }
-    await asyncio.sleep(0.5)
+
+    def marked(s: SseStream) -> bool:
+        return any(e.event == "marker" for e in s.events)
+
+    whole_task = await open_stream(url, params={"topic": "orders"}, timeout=5, until=marked)
+    narrow_task = await open_stream(url, params={"topic": "orders/4"}, timeout=5, until=marked)
     await conn.execute("SELECT realtime.publish('orders/42', 'order.created', '{\"id\": 42}')")
     await conn.execute("SELECT realtime.publish('orders/42/lines', 'line.added', '{\"n\": 1}')")
     await conn.execute("SELECT realtime.publish('orders', 'orders.reset', '[1, \"two\"]')")
     await conn.execute("SELECT realtime.publish('ordersx', 'nope', '{}')")
-    whole = await tasks["orders"]
-    narrow = await tasks["orders/4"]
+    # Published last: once a stream has its marker, anything it should have had came before.
+    await conn.execute("SELECT realtime.publish('orders/4', 'marker', '{}')")
+    whole = await whole_task
+    narrow = await narrow_task
     assert whole.status == 200
     assert whole.headers["content-type"].startswith("text/event-stream")
     assert whole.headers["cache-control"] == "no-store"
     assert whole.headers["x-accel-buffering"] == "no"
     assert whole.retries and whole.retries[0] > 0
-    assert [e.event for e in whole.events] == ["order.created", "line.added", "orders.reset"]
+    assert [e.event for e in whole.events] == ["order.created", "line.added", "orders.reset",
+                                               "marker"], "ordersx is not below orders"
     assert whole.events[0].json() == {"id": 42} and whole.events[2].json() == [1, "two"]
     ids = positions(whole)
-    assert ids == sorted(ids) and len(set(ids)) == 3
-    assert narrow.events == [], "orders/4 must not receive orders/42"
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [e.event for e in narrow.events] == ["marker"], "orders/4 must not receive orders/42"
 
 
 @pytest.mark.parametrize("query,param", [
@@ -276,9 +280,8 @@ async def test_reset_when_history_expired_or_position_unknown(server: Any, conn:
                             until=lambda s: len(s.events) >= 1, timeout=5)
     assert future.events[0].event == "reset" and future.events[0].json()["reason"] == "unknown_position"
     # Live delivery continues after a reset.
-    task = asyncio.create_task(read_sse(server.url + "/events", params={"topic": "old", "last_event_id": "1"},
-                                        until=lambda s: len(s.events) >= 2, timeout=5))
-    await asyncio.sleep(0.5)
+    task = await open_stream(server.url + "/events", params={"topic": "old", "last_event_id": "1"},
+                             until=lambda s: len(s.events) >= 2, timeout=5)
     await publish(conn, "old", 1, start=99)
     after = await task
     assert [e.event for e in after.events] == ["reset", "tick"]
@@ -296,9 +299,8 @@ async def test_large_payload_and_truncation(start_server: Start, conn: asyncpg.C
     server = start_server({"MAX_EVENT_BYTES": "50000"})
     await conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
     await conn.execute("SELECT realtime.watch('docs')")
-    task = asyncio.create_task(read_sse(server.url + "/events", params={"topic": "docs"},
-                                        until=lambda s: len(s.events) >= 2, timeout=10))
-    await asyncio.sleep(0.5)
+    task = await open_stream(server.url + "/events", params={"topic": "docs"},
+                             until=lambda s: len(s.events) >= 2, timeout=10)
     await conn.execute("INSERT INTO docs VALUES (1, $1)", "x" * 20_000)   # > NOTIFY's 8000 bytes
     await conn.execute("INSERT INTO docs VALUES (2, $1)", "y" * 100_000)  # > MAX_EVENT_BYTES
     stream = await task
@@ -325,9 +327,8 @@ async def test_stream_max_seconds_ends_with_retry(start_server: Start) -> None:
 
 async def test_sigterm_ends_streams_promptly(start_server: Start) -> None:
     server = start_server()
-    tasks = [asyncio.create_task(read_sse(server.url + "/events", params={"topic": "t"}, timeout=15))
-             for _ in range(5)]
-    await asyncio.sleep(0.5)
+    tasks = await asyncio.gather(*(open_stream(server.url + "/events", params={"topic": "t"},
+                                               timeout=15) for _ in range(5)))
     began = time.monotonic()
     assert server.proc is not None
     server.proc.send_signal(signal.SIGTERM)
@@ -345,26 +346,21 @@ async def test_slow_client_is_dropped_and_loses_nothing(start_server: Start, con
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.sendall(b"GET /events?topic=flood HTTP/1.1\r\nHost: x\r\n\r\n")
-    await asyncio.sleep(0.3)
+    sock.settimeout(10)
+    received = b""
+    while b"retry: " not in received:  # the stream is subscribed: what follows is delivered
+        chunk = await asyncio.to_thread(sock.recv, 4096)
+        assert chunk, received
+        received += chunk
     pad = "z" * 4000
     for i in range(0, 2000, 50):  # ~8 MB, far beyond socket buffers and the 64 kB bound
         await conn.execute(
             "SELECT realtime.publish('flood', 'blob', jsonb_build_object('i', g, 'pad', $1::text)) "
             "FROM generate_series($2::int, $2::int + 49) g", pad, i)
     await wait_head(conn, start + 2000)
-    deadline = time.monotonic() + 10
-    dropped = 0.0
-    while time.monotonic() < deadline:
-        text = httpx.get(server.url + "/metrics").text
-        dropped = next(float(line.split()[-1]) for line in text.splitlines()
-                       if line.startswith("pgsse_slow_clients_dropped_total"))
-        if dropped >= 1:
-            break
-        await asyncio.sleep(0.2)
-    assert dropped >= 1
+    await eventually(lambda: metric(server, "pgsse_slow_clients_dropped_total") >= 1,
+                     what="a slow client dropped")
     # The server aborted the connection: draining the socket reaches EOF or a reset.
-    sock.settimeout(10)
-    received = b""
     while True:
         try:
             chunk = sock.recv(1 << 20)
@@ -388,14 +384,21 @@ async def test_slow_client_is_dropped_and_loses_nothing(start_server: Start, con
 @pytest.mark.parametrize("mode", ["poll", "notify", "auto"])
 async def test_every_wakeup_mode_delivers(start_server: Start, conn: asyncpg.Connection,
                                           mode: str) -> None:
+    # Start from the opposite of what the mode must set, so the check below can fail.
+    await conn.execute("UPDATE realtime.sequencer SET wake_writers = $1", mode == "poll")
     server = start_server({"WAKEUP": mode})
-    wake_writers = await conn.fetchval("SELECT wake_writers FROM realtime.sequencer")
-    assert wake_writers is (mode != "poll") or mode == "auto"
-    task = asyncio.create_task(read_sse(server.url + "/events", params={"topic": "mode"},
-                                        until=lambda s: len(s.events) >= 30, timeout=10))
-    await asyncio.sleep(0.4)
+    task = await open_stream(server.url + "/events", params={"topic": "mode"},
+                             until=lambda s: len(s.events) >= 30, timeout=10)
+    start = await head(conn)
     await publish(conn, "mode", 10)
-    await asyncio.sleep(0.3)  # let an auto-mode sequencer go idle, then wake it again
+    # Sequenced means the sequencer leads, and it sets the flag before sequencing anything.
+    await wait_head(conn, start + 10)
+    flag = "SELECT wake_writers FROM realtime.sequencer"
+    if mode == "auto":
+        # Polls while changes come, then once idle asks writers to wake it.
+        await eventually(lambda: conn.fetchval(flag), what="an idle auto sequencer's wake_writers")
+    else:
+        assert await conn.fetchval(flag) is (mode == "notify")
     await publish(conn, "mode", 20, start=10)
     stream = await task
     assert [e.json()["i"] for e in stream.events] == list(range(30))
