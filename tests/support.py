@@ -273,5 +273,7 @@ def metric(server: ServerProcess, sample: str) -> float:
 
 
 def log_records(server: ServerProcess) -> list[dict[str, Any]]:
-    """The server's JSON log lines, parsed."""
-    return [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    """The server's JSON log lines, parsed (a line still being written is left out)."""
+    text = server.logs()
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.support import ROOT, read_sse, read_sse_resuming
+from tests.support import ROOT, eventually, log_records, open_stream, read_sse, read_sse_resuming
 
 Start = Callable[..., Any]
 KEYS = "first-key-0123456789abcdef0123456789,second-key-0123456789abcdef012345"
@@ -49,7 +48,8 @@ async def test_tokens_from_header_cookie_and_query(secured: Any) -> None:
                    {"headers": {"Cookie": f"access_token={good}"}},
                    {"params": {"topic": "orders/42", "access_token": good}}):
         kwargs.setdefault("params", {"topic": "orders/42"})
-        stream = await read_sse(secured.url + "/events", timeout=1.5, **kwargs)
+        stream = await read_sse(secured.url + "/events", timeout=5,
+                                until=lambda s: bool(s.retries), **kwargs)
         assert stream.status == 200, kwargs
         assert stream.retries, kwargs  # the stream opened
     missing = httpx.get(secured.url + "/events?topic=orders", timeout=5)
@@ -132,8 +132,9 @@ def test_grants_are_segment_prefixes(secured: Any) -> None:
 
 async def test_granted_streams_open_and_rotation_verifies_old_key(secured: Any) -> None:
     for key in (FIRST, SECOND):
-        stream = await read_sse(secured.url + "/events?topic=orders/42/lines", timeout=1,
-                                headers=bearer(token(["orders"], key=key)))
+        stream = await read_sse(secured.url + "/events?topic=orders/42/lines", timeout=5,
+                                headers=bearer(token(["orders"], key=key)),
+                                until=lambda s: bool(s.retries))
         assert stream.status == 200 and stream.retries
 
 
@@ -156,7 +157,9 @@ async def test_replay_is_authorised_like_live(secured: Any, conn: asyncpg.Connec
     start = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
     for topic in ("orders/1", "orders/2", "orders/1"):
         await conn.execute("SELECT realtime.publish($1, 'x', jsonb_build_object('t', $1::text))", topic)
-    await asyncio.sleep(0.5)
+    # Numbered: the stream below replays them from history.
+    await eventually(lambda: conn.fetchval(
+        "SELECT last_position >= $1 + 3 FROM realtime.sequencer", start))
     stream, _ = await read_sse_resuming(
         secured.url + "/events", params={"topic": "orders/1", "access_token": token(["orders/1"])},
         last_id=str(start), until=lambda s: len(s.events) >= 2, timeout=5)
@@ -170,10 +173,9 @@ async def test_replay_is_authorised_like_live(secured: Any, conn: asyncpg.Connec
 async def test_expiring_token_ends_stream_and_resume_loses_nothing(
         secured: Any, conn: asyncpg.Connection) -> None:
     start = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
-    task = asyncio.create_task(read_sse(
+    task = await open_stream(
         secured.url + "/events", params={"topic": "exp"}, timeout=10,
-        headers={"Authorization": f"Bearer {token(['exp'], ttl=2)}", "Last-Event-ID": str(start)}))
-    await asyncio.sleep(0.3)
+        headers={"Authorization": f"Bearer {token(['exp'], ttl=2)}", "Last-Event-ID": str(start)})
     for i in range(3):
         await conn.execute("SELECT realtime.publish('exp', 'n', jsonb_build_object('i', $1::int))", i)
     first = await task
@@ -254,20 +256,33 @@ def test_audience_and_issuer_are_checked_when_configured(start_server: Start) ->
     assert 'pgsse_rejected_requests_total{limit="topics_per_stream"}' in httpx.get(server.url + "/metrics").text
 
 
-def test_tokens_are_never_logged(secured: Any) -> None:
+async def test_tokens_are_never_logged(secured: Any) -> None:
     secret = token(["*"])
+    ids: list[str] = []
+
+    def rid() -> dict[str, str]:
+        ids.append(f"secret-probe-{len(ids)}")
+        return {"X-Request-ID": ids[-1]}
+
     for request in ({"params": {"access_token": secret}}, {"cookies": {"access_token": secret}},
                     {"headers": bearer(secret)}):
         with httpx.Client(timeout=5, **request) as client:  # type: ignore[arg-type]
-            assert client.get(secured.url + "/stats").status_code == 200
-            assert client.get(secured.url + "/events?topic=x%20y").status_code == 400
+            assert client.get(secured.url + "/stats", headers=rid()).status_code == 200
+            assert client.get(secured.url + "/events?topic=x%20y", headers=rid()).status_code == 400
     # However the parameter's name is spelled on the wire.
     for name in ("access%5Ftoken", "%61ccess_token", "ACCESS_TOKEN"):
-        httpx.get(f"{secured.url}/stats?{name}={secret}&x=1", timeout=5)
-    httpx.get(f"{secured.url}/stats?access_token={secret[:40]}%20{secret[40:]}", timeout=5)
-    httpx.get(secured.url + "/stats", headers=bearer(secret + "x"), timeout=5)  # a bad one too
-    time.sleep(0.3)
+        httpx.get(f"{secured.url}/stats?{name}={secret}&x=1", headers=rid(), timeout=5)
+    httpx.get(f"{secured.url}/stats?access_token={secret[:40]}%20{secret[40:]}", headers=rid(),
+              timeout=5)
+    httpx.get(secured.url + "/stats", headers={**bearer(secret + "x"), **rid()}, timeout=5)  # a bad one
+    # The anchor: every one of those requests has its access log line...
+    logged = await eventually(
+        lambda: (found := {r.get("request_id"): r for r in log_records(secured)
+                           if r["event"] == "http_request"}) and set(ids) <= set(found) and found,
+        what="an access log line for every request")
+    assert all(logged[i]["route"] in ("/stats", "/events") for i in ids)
+    assert "[redacted]" in logged["secret-probe-0"]["query"]
+    # ...and no line carries the token, nor a piece of it.
     logs = secured.logs()
-    assert '"route": "/stats"' in logs
     signature = secret.rsplit(".", 1)[1]
     assert signature not in logs and secret[40:] not in logs
