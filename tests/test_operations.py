@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
-from tests.support import ROOT, read_sse_resuming
+from tests.support import ROOT, eventually, log_records, open_stream, read_sse_resuming, stats
 
 Start = Callable[..., Any]
 
@@ -72,16 +71,23 @@ async def test_database_down_at_startup_is_retried(start_server: Start, pg_url: 
         await conn.close()
 
 
-def test_request_id_is_echoed_or_generated_and_logs_are_json(server: Any) -> None:
+async def test_request_id_is_echoed_or_generated_and_logs_are_json(server: Any) -> None:
     given = httpx.get(server.url + "/healthz", headers={"X-Request-ID": "abc-123"})
     assert given.headers["x-request-id"] == "abc-123"
     made = httpx.get(server.url + "/healthz?access_token=supersecrettoken")
-    assert len(made.headers["x-request-id"]) >= 16
-    time.sleep(0.3)
-    records = [json.loads(line) for line in server.logs().splitlines() if line.startswith("{")]
+    generated = made.headers["x-request-id"]
+    assert len(generated) >= 16 and generated != given.headers["x-request-id"]
+    # The anchor: the very request that carried the token is logged...
+    secret_line = await eventually(lambda: next(
+        (r for r in log_records(server) if r.get("request_id") == generated), None),
+        what="the access line of the request with a token")
+    assert secret_line["event"] == "http_request" and secret_line["route"] == "/healthz"
+    assert secret_line["query"] == "access_token=[redacted]"
+    records = log_records(server)
     assert records and all("event" in r for r in records)
     access = [r for r in records if r["event"] == "http_request"]
     assert any(r["request_id"] == "abc-123" and r["route"] == "/healthz" for r in access)
+    # ...without the token.
     assert "supersecrettoken" not in server.logs()
 
 
@@ -97,9 +103,8 @@ async def test_metrics_pass_promtool_and_name_route_templates(server: Any,
     from tests.tools import require_tool
 
     promtool = require_tool("promtool")
-    task = asyncio.create_task(read_sse_resuming(server.url + "/events", params={"topic": "m"},
-                                                 until=lambda s: len(s.events) >= 3, timeout=10))
-    await asyncio.sleep(0.4)
+    task = await open_stream(server.url + "/events", resuming=True, params={"topic": "m"},
+                             until=lambda s: len(s.events) >= 3, timeout=10)
     for i in range(3):
         await conn.execute("SELECT realtime.publish('m/1', 'tick', jsonb_build_object('i', $1::int))", i)
     stream, _ = await task
@@ -127,6 +132,7 @@ async def test_rolling_restart_of_one_replica_loses_nothing(start_server: Start,
     replicas = [start_server(), start_server()]
     start = int(await conn.fetchval("SELECT last_position FROM realtime.sequencer"))
     total = 400
+    written = 0
 
     async def client(index: int) -> list[int]:
         got: list[int] = []
@@ -148,13 +154,18 @@ async def test_rolling_restart_of_one_replica_loses_nothing(start_server: Start,
         return got
 
     async def writer() -> None:
+        nonlocal written
         for i in range(total):
             await conn.execute("SELECT realtime.publish('roll', 'tick', jsonb_build_object('i', $1::int))", i)
-            await asyncio.sleep(0.01)
+            written = i + 1
+            await asyncio.sleep(0.01)  # pacing: the restart happens mid-stream
 
     clients = [asyncio.create_task(client(i)) for i in range(6)]
     writing = asyncio.create_task(writer())
-    await asyncio.sleep(1.5)
+    # Restart while every client streams and a good part of the events is still to come.
+    await eventually(lambda: sum(stats(r)["clients"] for r in replicas) >= 6 and written >= 50,
+                     what="six clients streaming")
+    assert written < total * 3 // 4, "the writer outran the set-up: the restart would come too late"
     stopped_at = time.monotonic()
     code = await asyncio.to_thread(replicas[0].stop)
     assert time.monotonic() - stopped_at < 5, "drains well within the grace period"
