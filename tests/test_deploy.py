@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
-from tests.support import ROOT, free_port, read_sse
+from tests.support import ROOT, free_port, open_stream
 from tests.tools import require_tool
 
 if TYPE_CHECKING:
@@ -413,9 +413,9 @@ async def test_real_nginx_streams_sse_unbuffered_and_revalidates_aggregates(
             except httpx.HTTPError:
                 await asyncio.sleep(0.05)
         received: list[float] = []
-        task = asyncio.create_task(read_sse(base + "/events", params={"topic": "via"}, timeout=10,
-                                            until=lambda s: len(s.events) >= 1 and not received.append(time.monotonic())))
-        await asyncio.sleep(0.5)
+        # Open through nginx (its retry: got through): what is published now is delivered.
+        task = await open_stream(base + "/events", params={"topic": "via"}, timeout=10,
+                                 until=lambda s: len(s.events) >= 1 and not received.append(time.monotonic()))
         sent = time.monotonic()
         await conn.execute("SELECT realtime.publish('via', 'hello', '{\"through\": \"nginx\"}')")
         stream = await task
