@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP) ## embedded PostgreSQL (unless DATABASE_URL), demo data + writer, dashboard on :8000
-	DEMO=$${DEMO:-1} LOG_FORMAT=$${LOG_FORMAT:-text} $(VENV)/bin/pgsse serve
+	DEMO=$${DEMO:-1} LOG_FORMAT=$${LOG_FORMAT:-text} WORKERS=$${WORKERS:-auto} $(VENV)/bin/pgsse serve
 
 stop: $(STAMP) ## stop the embedded PostgreSQL (make run stops it on Ctrl-C; this is for strays)
 	$(VENV)/bin/pgsse db --stop

@@ -6,11 +6,16 @@ import argparse
 import asyncio
 import gc
 import json
+import socket
 import sys
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from . import export_cli
 from .settings import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from . import workers
 
 
 def _settings(**overrides: object) -> Settings:
@@ -33,14 +38,38 @@ def _database_url(settings: Settings, stop_at_exit: bool = False) -> str:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from . import logs, protocol
-    from .app import create_app
-    from .sqlfiles import AggregateFileError
+    from . import logs, workers
 
     settings = _settings(**({"demo": True} if args.demo else {}))
     logs.setup(settings.log_level, settings.log_format)
+    worker = workers.Worker.from_env()
+    if worker is None and settings.workers > 1:
+        url = _database_url(settings, stop_at_exit=True)
+        _print_demo_banner(settings)
+        workers.Supervisor(settings, url).run()
+        return
+    if worker is not None:
+        worker.follow_parent()
+        worker.join_metrics()
+    _serve_one(settings, worker)
+
+
+def _print_demo_banner(settings: Settings) -> None:
+    if settings.demo:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        base = f"http://{host}:{settings.port}"
+        print(f"\n  pgsse demo dashboard: {base}/\n  try: curl -N '{base}/events?topic=orders'\n",
+              file=sys.stderr, flush=True)
+
+
+def _serve_one(settings: Settings, worker: workers.Worker | None) -> None:
+    """One uvicorn process: the whole service, or one worker of ``WORKERS=N``."""
+    import uvicorn
+
+    from . import protocol
+    from .app import create_app
+    from .sqlfiles import AggregateFileError
+
     # Each fan-out allocates per client; with 10k long-lived streams the default young
     # generation threshold runs the collector so often that it doubles fan-out latency.
     gc.set_threshold(50_000, 20, 100)
@@ -53,11 +82,23 @@ def serve(args: argparse.Namespace) -> None:
     lifecycle = app.lifecycle
 
     class Server(uvicorn.Server):
+        metrics_server: asyncio.AbstractServer | None = None
+
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             # Streams never finish on their own: end them before uvicorn waits for them.
             loop = asyncio.get_event_loop()
             loop.call_soon_threadsafe(lifecycle.drain)
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if worker is not None:
+                self.metrics_server = await worker.serve_metrics()
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+            await super().shutdown(sockets)
 
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None,
@@ -66,13 +107,10 @@ def serve(args: argparse.Namespace) -> None:
         timeout_keep_alive=15, server_header=False, access_log=False,
         **protocol.uvicorn_kwargs(settings.header_timeout_seconds),
     )
-    if settings.demo:
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-        base = f"http://{host}:{settings.port}"
-        print(f"\n  pgsse demo dashboard: {base}/\n  try: curl -N '{base}/events?topic=orders'\n",
-              file=sys.stderr, flush=True)
+    if worker is None:
+        _print_demo_banner(settings)
     try:
-        Server(config).run()
+        Server(config).run(sockets=None if worker is None else [worker.listening_socket()])
     except KeyboardInterrupt:
         # uvicorn re-raises Ctrl-C after its clean shutdown: no traceback for that.
         raise SystemExit(130) from None

@@ -8,7 +8,7 @@ import random
 
 import asyncpg
 
-from .queries import query
+from .queries import Lock, query
 from .settings import SQL_DIR
 
 log = logging.getLogger("pgsse.demo")
@@ -17,15 +17,17 @@ NEXT_STATUS = {"pending": "paid", "paid": "shipped", "shipped": "delivered"}
 
 
 async def install(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, orders: int = 2000) -> None:
-    """Create the demo schema (idempotent) and seed orders when there are none."""
-    await conn.execute((SQL_DIR / "demo" / "schema.sql").read_text())
-    if not await conn.fetchval(query("demo_has_orders")):
-        async with conn.transaction():
+    """Create the demo schema (idempotent) and seed orders when there are none; under the
+    migration lock, since every worker of ``WORKERS=N`` installs it at start."""
+    async with conn.transaction():
+        await conn.execute(query("take_lock"), Lock.MIGRATE)
+        await conn.execute((SQL_DIR / "demo" / "schema.sql").read_text())
+        if not await conn.fetchval(query("demo_has_orders")):
             # The seed is history, not news: keep it out of the event log.
             await conn.execute("ALTER TABLE demo.orders DISABLE TRIGGER pgsse_capture_insert")
             await conn.execute(query("demo_seed_orders"), orders)
             await conn.execute("ALTER TABLE demo.orders ENABLE TRIGGER pgsse_capture_insert")
-        await conn.execute("ANALYZE demo.orders")
+            await conn.execute("ANALYZE demo.orders")
     log.info("demo installed", extra={"event": "demo_installed"})
 
 

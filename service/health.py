@@ -10,6 +10,7 @@ loaded, and the process is not draining.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from . import metrics
+from . import metrics, workers
 from .aggregates import Aggregates
 from .auth import Authenticator
 from .db import Database
@@ -67,7 +68,7 @@ class Health:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     async def metrics(self, request: Request) -> Response:
-        body, content_type = metrics.render()
+        body, content_type = await metrics.exposition()
         return Response(body, media_type=content_type)
 
     async def stats(self, request: Request) -> Response:
@@ -92,6 +93,8 @@ class Health:
             "sequencer_leader": self.sequencer.leader,
             "draining": hub.draining,
             "uptime_seconds": round(time.time() - self.started_at, 1),
+            # Per process: with WORKERS=N each worker answers for itself (which one: here).
+            "worker": workers.index(), "pid": os.getpid(),
             "cache": self.aggregates.cache_stats(),
         }
         return JSONResponse(body)

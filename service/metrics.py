@@ -1,12 +1,22 @@
 """Prometheus metrics, all prefixed ``pgsse_``, in base units.
 
-Declared once per process (one process per container; no multiprocess mode). Labels never
-carry ids or raw paths: routes are templates, aggregates are the names of loaded files.
+Declared once per process. Labels never carry ids or raw paths: routes are templates,
+aggregates are the names of loaded files.
+
+With ``WORKERS=N`` (N > 1) each worker keeps its own registry (no multiprocess mode: its
+mmap-backed values would cost every increment on the fan-out path, and a restarted worker's
+gauges would linger) and labels every series ``worker="<index>"``; ``/metrics`` on the
+worker a scrape reaches asks its siblings for theirs over Unix sockets (``workers.py``) and
+answers for the whole group, adding ``pgsse_worker_up{worker}`` (0 for a sibling that did
+not answer within ``SIBLING_TIMEOUT``). Sum over ``worker`` for the process group.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -17,6 +27,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -153,5 +165,84 @@ def observe_delivery(count: int, first_at: float) -> None:
 
 
 def render() -> tuple[bytes, str]:
-    """The exposition text and its content type."""
+    """This process's exposition text and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+SIBLING_TIMEOUT = 2.0
+_worker: str | None = None                 # this worker's label, with WORKERS > 1
+_siblings: Mapping[str, Path] = {}         # the other workers' label → metrics socket
+
+
+def join_group(worker: str, siblings: Mapping[str, Path]) -> None:
+    """Label this process's series ``worker=<worker>``; ``exposition`` includes ``siblings``."""
+    global _worker, _siblings
+    _worker, _siblings = worker, dict(siblings)
+
+
+class _Families:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def _text(families: Iterable[Metric]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry)
+
+
+def _labelled(worker: str) -> Iterator[Metric]:
+    for family in REGISTRY.collect():
+        copy = Metric(family.name, family.documentation, family.type, family.unit)
+        copy.samples = [s._replace(labels={**s.labels, "worker": worker}) for s in family.samples]
+        yield copy
+
+
+def own_exposition() -> bytes:
+    """This worker's series, labelled (what a sibling fetches)."""
+    assert _worker is not None
+    return _text(_labelled(_worker))
+
+
+async def _fetch(path: Path) -> bytes | None:
+    try:
+        async with asyncio.timeout(SIBLING_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            try:
+                return await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return None  # restarting, or too busy to answer: pgsse_worker_up says so
+
+
+async def exposition() -> tuple[bytes, str]:
+    """What ``/metrics`` answers: this process's series, or with WORKERS > 1 the group's."""
+    if _worker is None:
+        return render()
+    merged: dict[str, Metric] = {}
+
+    def add(families: Iterable[Metric]) -> None:
+        for family in families:
+            known = merged.get(family.name)
+            if known is None:
+                merged[family.name] = family
+            else:
+                known.samples.extend(family.samples)
+
+    up = GaugeMetricFamily("pgsse_worker_up", "1 for each worker whose series this scrape "
+                           "holds (WORKERS > 1), 0 for one that did not answer.",
+                           labels=["worker"])
+    up.add_metric([_worker], 1)
+    add(_labelled(_worker))
+    names = list(_siblings)
+    texts = await asyncio.gather(*(_fetch(_siblings[name]) for name in names))
+    for name, text in zip(names, texts, strict=True):
+        up.add_metric([name], 0 if text is None else 1)
+        if text is not None:
+            add(text_string_to_metric_families(text.decode()))
+    add([up])
+    return _text(merged.values()), CONTENT_TYPE_LATEST

@@ -122,6 +122,7 @@ class Settings:
     ready_max_lag_seconds: float = 5.0
     slow_client_seconds: float = 30.0
     header_timeout_seconds: float = 10.0
+    workers: int = 1
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
 
     @property
@@ -177,6 +178,7 @@ class Settings:
         take("READY_MAX_LAG", "ready_max_lag_seconds", _positive_duration)
         take("SLOW_CLIENT_SECONDS", "slow_client_seconds", _positive_duration)
         take("HEADER_TIMEOUT", "header_timeout_seconds", _positive_duration)
+        take("WORKERS", "workers", _workers)
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
         if problems:
             raise ConfigError(problems)
@@ -189,6 +191,25 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise ValueError("must be greater than zero")
     return value
+
+
+def _workers(text: str) -> int:
+    """``auto`` = the cores this process may use: its CPU affinity (a cpuset), capped by a
+    cgroup CPU quota (``docker --cpus``, a Kubernetes CPU limit); else a count."""
+    if text.strip().lower() == "auto":
+        return usable_cores()
+    return _int_range(1, 256)(text)
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota: the affinity alone
+    return max(1, cores)
 
 
 def _existing_dir(text: str) -> Path | None:

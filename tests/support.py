@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -264,12 +265,15 @@ def stats(server: ServerProcess, headers: dict[str, str] | None = None) -> Any:
 
 def metric(server: ServerProcess, sample: str) -> float:
     """The value of one ``/metrics`` sample, e.g. ``pgsse_feed_up`` or
-    ``pgsse_replays_total{source="memory"}`` (0 when absent)."""
+    ``pgsse_replays_total{source="memory"}`` (0 when absent); with ``WORKERS=N``, the sum
+    over the ``worker`` label."""
+    total = 0.0
     for line in httpx.get(server.url + "/metrics", timeout=5).text.splitlines():
         name, _, value = line.rpartition(" ")
+        name = re.sub(r',?worker="\d+"', "", name).replace("{,", "{").replace("{}", "")
         if name == sample:
-            return float(value)
-    return 0.0
+            total += float(value)
+    return total
 
 
 def log_records(server: ServerProcess) -> list[dict[str, Any]]:
