@@ -80,7 +80,9 @@ def hostile_server(pg_url: str, template_url: str, tmp_path_factory: Any) -> Ite
                            tmp_path_factory.mktemp("hostile")).start()
     yield server
     server.stop()
-    assert "unhandled_error" not in server.logs()
+    logs = server.logs()
+    assert '"event": "http_request"' in logs, "the anchor: this server's requests are logged here"
+    assert "unhandled_error" not in logs
     asyncio.run(run(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
