@@ -14,6 +14,13 @@ Protocol:
   ``CATCHING_UP`` at the last position written, and its stream's task reads the rest from
   ``recent`` (or history) by cursor, awaiting each write, until it is level again. A client
   is dropped as ``slow`` only when it stays behind for ``SLOW_CLIENT_SECONDS``.
+- **Straight to the socket.** A live stream served by our uvicorn protocol (``protocol.py``
+  puts the transport and its flow control in the scope) gets each event as an HTTP/1.1 chunk
+  built once per event (``Event.chunk``: ``<size>\r\n<frame>\r\n``, what uvicorn's ``send``
+  would build per client) written with ``transport.write``: no ASGI message, coroutine or
+  middleware per client. "Would block" is uvicorn's own test — the transport has paused
+  writing — and leads to the same catching-up hand-over. Without a transport (tests, other
+  servers) the hub drives the ASGI ``send`` instead.
 - ``subscribe`` is synchronous: the caller learns ``hub.position`` at the same instant it
   starts being tracked; a subscription starts ``REPLAYING`` and goes live only through
   ``go_live`` with no await between the check "cursor == position" and the switch, so
@@ -33,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from starlette.types import Send
 
@@ -42,6 +49,25 @@ from .topics import covers, prefixes
 
 HEARTBEAT = b": keep-alive\n\n"
 DEFAULT_CHUNK = 64 * 1024
+
+
+def http_chunk(frame: bytes) -> bytes:
+    """``frame`` as one chunk of a chunked HTTP/1.1 body (the stream's encoding)."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+class Flow(Protocol):
+    """uvicorn's ``FlowControl``: ``write_paused`` while the transport's buffer is full."""
+
+    write_paused: bool
+
+
+@dataclass(slots=True)
+class Direct:
+    """A live stream's socket, written without the ASGI ``send``."""
+
+    transport: asyncio.Transport
+    flow: Flow
 
 
 class SubState(enum.Enum):
@@ -90,6 +116,7 @@ class Event:
     keys: tuple[tuple[str, int], ...]
     data: bytes
     size: int = 0
+    chunk: bytes = b""   # ``frame`` as an HTTP chunk, for streams written directly
     _enveloped: list[bytes | None] = field(default_factory=list)
 
     @classmethod
@@ -105,8 +132,9 @@ class Event:
             for key in prefixes(topic):
                 keys.setdefault(key, index)
         event = cls(position, topics, type_, frame, created_at, table, tuple(keys.items()), data)
+        event.chunk = http_chunk(frame)
         # What the replay window really holds for this event, not just its frame.
-        event.size = (sys.getsizeof(frame) + sys.getsizeof(data) + 200
+        event.size = (sys.getsizeof(frame) + sys.getsizeof(event.chunk) + sys.getsizeof(data) + 200
                       + sum(sys.getsizeof(k) + 72 for k in keys)
                       + sum(sys.getsizeof(t) for t in topics))
         return event
@@ -160,7 +188,7 @@ class Subscription:
     __slots__ = (
         "topics", "topic_set", "envelope", "cursor", "state", "reason", "send", "pending",
         "pending_bytes", "first_at", "last_write", "ends_at", "client_key", "mark", "wakeup",
-        "behind_since", "transients", "chunk_bytes",
+        "behind_since", "transients", "chunk_bytes", "direct",
     )
 
     def __init__(self, topics: tuple[str, ...], cursor: int, ends_at: float,
@@ -173,6 +201,7 @@ class Subscription:
         self.state = SubState.REPLAYING
         self.reason: CloseReason | None = None
         self.send: Send | None = None   # set while LIVE: the hub writes through it
+        self.direct: Direct | None = None  # ... or, when set, straight to the socket
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.first_at = 0.0
@@ -190,10 +219,22 @@ class Subscription:
         return self.state is SubState.CLOSED
 
     def push(self, frame: bytes, created_at: float = 0.0) -> None:
+        """Queue one SSE frame (as an HTTP chunk when written directly)."""
+        self.push_wire(http_chunk(frame) if self.direct is not None else frame, created_at)
+
+    def push_event(self, event: Event) -> None:
+        """Queue ``event`` as this stream needs it: the shared bytes, made once per event."""
+        if self.envelope:
+            self.push(event.frame_for(self), event.created_at)
+        else:
+            self.push_wire(event.chunk if self.direct is not None else event.frame,
+                           event.created_at)
+
+    def push_wire(self, data: bytes, created_at: float = 0.0) -> None:
         if not self.pending:
             self.first_at = created_at
-        self.pending.append(frame)
-        self.pending_bytes += len(frame)
+        self.pending.append(data)
+        self.pending_bytes += len(data)
 
     def flush(self) -> None:
         """Write what is pending now; if the socket is full, fall back to catching up."""
@@ -207,6 +248,17 @@ class Subscription:
         first_at = self.first_at
         self.pending = []
         self.pending_bytes = 0
+        direct = self.direct
+        if direct is not None:
+            if direct.transport.is_closing():
+                return  # the client left: its stream's task is told and ends it
+            if direct.flow.write_paused:
+                self.fall_behind(self.written_through(chunk))
+                return
+            direct.transport.write(chunk)
+            self.last_write = time.monotonic()
+            metrics.observe_delivery(count, first_at)
+            return
         send = self.send
         assert send is not None
         write = cast(Coroutine[Any, Any, None],
@@ -240,16 +292,18 @@ class Subscription:
         self.cursor = position
         self.state = SubState.CATCHING_UP
         self.send = None
+        self.direct = None
         self.behind_since = time.monotonic()
         metrics.CATCHUPS.inc()
         self.wakeup.set()
 
-    def go_live(self, send: Send) -> None:
+    def go_live(self, send: Send, direct: Direct | None = None) -> None:
         """Called by the stream's task when level with the hub, with no await since the check."""
         if self.state is SubState.CLOSED:
             return
         self.state = SubState.LIVE
         self.send = send
+        self.direct = direct
         if self.transients:
             for transient in self.transients.values():
                 self.push(transient.frame(self.envelope))
@@ -273,6 +327,7 @@ class Subscription:
         self.state = SubState.CLOSED
         self.reason = reason
         self.send = None
+        self.direct = None
         self.pending.clear()
         self.pending_bytes = 0
         self.transients.clear()
@@ -340,8 +395,7 @@ class Hub:
                     sub.cursor = position
                     if not sub.pending:
                         touched.append(sub)
-                    sub.push(event.frame if not sub.envelope else event.frame_for(sub),
-                             event.created_at)
+                    sub.push_event(event)
                     if sub.pending_bytes >= sub.chunk_bytes:
                         sub.flush()
         for sub in touched:

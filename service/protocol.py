@@ -6,7 +6,9 @@
   ``HEADER_TIMEOUT`` of connecting (or of starting a request) is closed.
 - **The transport, in the scope** (``scope["extensions"]["pgsse.transport"]``): a dropped
   stream aborts its socket, because a graceful close waits for a peer that may never read
-  (PITFALLS: it keeps the fd and the kernel's send buffer).
+  (PITFALLS: it keeps the fd and the kernel's send buffer). With it, uvicorn's flow control
+  (``pgsse.flow``): the hub writes live events to the transport itself, and stops where
+  uvicorn's ``send`` would wait (``write_paused``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ def protocol_class(header_timeout: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.scope["extensions"] = {"pgsse.transport": self.transport}  # type: ignore[dict-item]
+            self.scope["extensions"] = {
+                "pgsse.transport": self.transport,  # type: ignore[dict-item]
+                "pgsse.flow": self.flow}  # type: ignore[dict-item]
             if self._header_timer is None:
                 self._arm()
 

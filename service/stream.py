@@ -36,7 +36,7 @@ from . import metrics
 from .auth import Authenticator
 from .errors import BadRequest, NotFound, PgsseError, Unavailable
 from .feed import History
-from .hub import CloseReason, Hub, Subscription, SubState, Transient, reset_event
+from .hub import CloseReason, Direct, Hub, Subscription, SubState, Transient, reset_event
 from .limits import Limits
 from .settings import Settings
 from .topics import is_valid
@@ -114,6 +114,15 @@ def transport_of(scope: Scope) -> asyncio.Transport | None:
     return transport  # type: ignore[no-any-return]
 
 
+def direct_of(scope: Scope, transport: asyncio.Transport | None) -> Direct | None:
+    """How the hub may write this stream's live events itself (see ``hub.Direct``): our
+    protocol's transport and flow control; uvicorn sends every stream chunked (no length)."""
+    flow = scope.get("extensions", {}).get("pgsse.flow")
+    if transport is None or flow is None:
+        return None
+    return Direct(transport, flow)
+
+
 def abort(transport: asyncio.Transport | None) -> None:
     """Close now, and free the kernel's send queue too: with SO_LINGER {on, 0} the close is
     a reset, so unread bytes do not keep the socket alive in the kernel (FIN-WAIT with
@@ -189,6 +198,7 @@ class EventStream:
         sub = Subscription(topics, 0, time.monotonic() + lifetime, client_key, envelope,
                            settings.client_buffer_bytes)
         transport = transport_of(scope)
+        direct = direct_of(scope, transport)
         self.limits.opened(client_key)
         live_from = self.hub.subscribe(sub)
         # Events at or below a resume position are never delivered again, even if this
@@ -204,7 +214,7 @@ class EventStream:
             while sub.state is not SubState.CLOSED:
                 if sub.state is not SubState.LIVE:
                     try:
-                        await self._catch_up(sub, send)
+                        await self._catch_up(sub, send, direct)
                     except HISTORY_ERRORS:
                         # History is unreachable right now: come back shortly, same id.
                         sub.close(CloseReason.HISTORY_UNAVAILABLE)
@@ -291,14 +301,14 @@ class EventStream:
         metrics.REPLAYS.labels("reset").inc()
         await self._write(sub, send, reset_event(sub.cursor, reason).frame(sub.envelope))
 
-    async def _catch_up(self, sub: Subscription, send: Send) -> None:
+    async def _catch_up(self, sub: Subscription, send: Send, direct: Direct | None) -> None:
         """Write everything after ``sub.cursor`` up to the hub's position, then go live."""
         hub = self.hub
         source = ""
         while sub.state is not SubState.CLOSED:
             target = hub.position
             if sub.cursor >= target:
-                sub.go_live(send)  # no await since reading ``target``
+                sub.go_live(send, direct)  # no await since reading ``target``
                 if source:
                     metrics.REPLAYS.labels(source).inc()
                 return
