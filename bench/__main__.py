@@ -8,6 +8,12 @@ client), creates a fresh database, and runs, each against pgsse and a baseline
 delivery, p50/p99), 3. commit → client latency at 200 tx/s, 4. aggregate requests/s and
 queries per change, 5. writer cost (pgbench, watched vs unwatched table).
 
+Streams run against pgsse with WORKERS=1 and WORKERS=2, nginx + nchan (Debian ``nginx`` +
+``libnginx-mod-nchan``; skipped with the reason when missing) and the tutorial baseline;
+aggregates against a bare Starlette route answering 304 on the same uvicorn
+(``bench/bare304.py``). The ratios (fan-out CPU per delivery and idle RSS ÷ nchan; 304 and
+cached 200 ÷ the bare 304) are printed and kept under ``ratios`` in the report.
+
 Servers run pinned to core 0 (``taskset -c 0`` equivalent), one at a time. Results:
 bench/results/report.json and PNG plots.
 """
@@ -104,11 +110,14 @@ async def run(args: argparse.Namespace) -> int:
         meta["database"] = url.rsplit("/", 1)[1].split("?")[0]
         if "streams" in only:
             streams: dict[str, Any] = {}
-            for kind in ("pgsse", "baseline"):
+            for kind in args.kinds.split(","):
                 log(f"streams: {kind}")
                 port = infra.free_port()
-                server = (infra.pgsse_server("pgsse-streams", url, port) if kind == "pgsse"
-                          else infra.baseline_server("baseline-streams", url, port)).start()
+                if kind == "nchan" and infra.nchan_missing():
+                    streams[kind] = {"skipped": infra.nchan_missing()}
+                    log(f"  nchan skipped: {infra.nchan_missing()}")
+                    continue
+                server = stream_server(kind, url, port).start()
                 try:
                     streams[kind] = await scenarios.stream_suite(kind, server, url, plan, log)
                 except Exception as exc:
@@ -118,6 +127,7 @@ async def run(args: argparse.Namespace) -> int:
                     streams.setdefault(kind, {})["server_exit"] = await asyncio.to_thread(server.stop)
                 await asyncio.sleep(1.0)
             out["scenarios"]["streams"] = streams
+            out["ratios"] = {"streams": scenarios.stream_ratios(streams)}
         if "aggregates" in only:
             log("aggregates")
             try:
@@ -145,8 +155,25 @@ async def run(args: argparse.Namespace) -> int:
     path = infra.RESULTS / "report.json"
     path.write_text(json.dumps(out, indent=2, default=str))
     print(report.table(out))
+    ratios = {**out.get("ratios", {}),
+              "aggregates": out["scenarios"].get("aggregates", {}).get("ratios")}
+    print(f"\nratios (same run, {os.cpu_count()} cores): {json.dumps(ratios, indent=1)}")
     print(f"\nreport: {path.relative_to(infra.ROOT)}  ({meta['runtime_s']} s)")
     return 0
+
+
+def stream_server(kind: str, url: str, port: int) -> infra.Server:
+    """pgsse (WORKERS=1, core 0), pgsse-w2 (WORKERS=2 on both cores, sharing core 1 with the
+    client and PostgreSQL: the machine has two), nginx+nchan (one worker, core 0), or the
+    broadcaster + sse-starlette baseline (core 0)."""
+    if kind == "pgsse":
+        return infra.pgsse_server("pgsse-streams", url, port)
+    if kind == "pgsse-w2":
+        return infra.pgsse_server("pgsse-w2-streams", url, port,
+                                  cores={infra.SERVER_CORE, infra.CLIENT_CORE}, WORKERS="2")
+    if kind == "nchan":
+        return infra.nchan_server("nchan-streams", port)
+    return infra.baseline_server("baseline-streams", url, port)
 
 
 async def setup_database(uri: str) -> str:
@@ -210,6 +237,8 @@ def main() -> None:
                         help="py-spy the server during extra fan-out rounds at the largest N")
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(ALL)}")
     parser.add_argument("--ns", help="override the client counts, e.g. 1000,5000")
+    parser.add_argument("--kinds", default="pgsse,pgsse-w2,nchan,baseline",
+                        help="stream servers, side by side in this order (default: %(default)s)")
     args = parser.parse_args()
     install_uvloop()
     sys.exit(asyncio.run(run(args)))

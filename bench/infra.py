@@ -92,16 +92,57 @@ def self_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (pgsse's workers under WORKERS=N, nginx's worker)."""
+    import psutil
+
+    try:
+        return [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return [pid]
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            total += proc_cpu(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def tree_sched_ns(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += proc_sched_ns(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            total += proc_rss(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
 class Window:
-    """CPU of one server process, this client and each core over a measured interval."""
+    """CPU of one server (its whole process tree: workers, nginx's worker), this client and
+    each core over a measured interval."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
 
     def __enter__(self) -> Window:
         self.wall0 = time.perf_counter()
-        self.cpu0 = proc_cpu(self.pid)
-        self.sched0 = proc_sched_ns(self.pid)
+        self.cpu0 = tree_cpu(self.pid)
+        self.sched0 = tree_sched_ns(self.pid)
         self.client0 = self_cpu()
         self.cores0 = core_times()
         return self
@@ -113,8 +154,8 @@ class Window:
         if hasattr(self, "wall"):
             return
         self.wall = time.perf_counter() - self.wall0
-        self.cpu = proc_cpu(self.pid) - self.cpu0
-        self.sched = (proc_sched_ns(self.pid) - self.sched0) / 1e9
+        self.cpu = tree_cpu(self.pid) - self.cpu0
+        self.sched = (tree_sched_ns(self.pid) - self.sched0) / 1e9
         self.client = self_cpu() - self.client0
         self.cores = core_busy(self.cores0, core_times())
 
@@ -134,9 +175,9 @@ async def settle(pid: int, quiet_s: float = 0.005, span: float = 0.25,
     """Wait until the server used under ``quiet_s`` CPU over ``span`` (at most ``limit`` s)."""
     started = time.monotonic()
     for _ in range(int(limit / span) + 1):
-        before = proc_sched_ns(pid)
+        before = tree_sched_ns(pid)
         await asyncio.sleep(span)
-        if (proc_sched_ns(pid) - before) / 1e9 < quiet_s:
+        if (tree_sched_ns(pid) - before) / 1e9 < quiet_s:
             break
         if time.monotonic() - started > limit:
             break
@@ -241,7 +282,8 @@ class Server:
     """A server subprocess pinned to ``SERVER_CORE`` with the open-file limit raised."""
 
     def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int,
-                 health: str) -> None:
+                 health: str, cores: set[int] | None = None) -> None:
+        self.cores = cores or {SERVER_CORE}
         self.name = name
         self.argv = argv
         self.env = env
@@ -260,7 +302,7 @@ class Server:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
 
         def prepare() -> None:
-            os.sched_setaffinity(0, {SERVER_CORE})  # as `taskset -c 0`
+            os.sched_setaffinity(0, self.cores)  # as `taskset -c 0`
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # as `prlimit`
             os.setpgrp()
@@ -314,7 +356,8 @@ class Server:
         return self.proc.returncode
 
 
-def pgsse_server(name: str, url: str, port: int, **extra: str) -> Server:
+def pgsse_server(name: str, url: str, port: int, cores: set[int] | None = None,
+                 **extra: str) -> Server:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PGSSE_", "AUTH_", "DEMO", "WAKEUP", "AGGREGATE"))}
     env.update({
@@ -324,7 +367,66 @@ def pgsse_server(name: str, url: str, port: int, **extra: str) -> Server:
         "HEARTBEAT_SECONDS": "600", "SHUTDOWN_GRACE_SECONDS": "5", "DEMO": "0",
     })
     env.update(extra)
-    return Server(name, [sys.executable, "-m", "pgsse", "serve"], env, port, "/readyz")
+    return Server(name, [sys.executable, "-m", "pgsse", "serve"], env, port, "/readyz", cores)
+
+
+def bare304_server(name: str, port: int) -> Server:
+    env = dict(os.environ, HOST="127.0.0.1", PORT=str(port))
+    return Server(name, [sys.executable, "-m", "bench.bare304"], env, port, "/healthz")
+
+
+NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
+NCHAN_CONF = """load_module {module};
+worker_processes 1;
+daemon off;
+master_process on;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location = /events {{ nchan_subscriber eventsource; nchan_channel_id bench; }}
+        location = /pub {{ nchan_publisher; nchan_channel_id bench;
+                          nchan_message_buffer_length 10; }}
+        location = /healthz {{ return 200 "ok"; }}
+    }}
+}}
+"""
+
+
+def nchan_missing() -> str | None:
+    """Why the nchan baseline cannot run here, or None. Debian: ``apt-get install -y nginx
+    libnginx-mod-nchan`` (a bench-only tool: CI does not install it)."""
+    import shutil
+
+    if shutil.which("nginx") is None:
+        return "nginx is not installed (apt-get install -y nginx libnginx-mod-nchan)"
+    if not NCHAN_MODULE.exists():
+        return "the nchan module is not installed (apt-get install -y libnginx-mod-nchan)"
+    return None
+
+
+def nchan_server(name: str, port: int) -> Server:
+    """nginx + nchan, one worker process (one core, like one pgsse worker), EventSource
+    subscribers on ``/events``, the publisher on ``/pub``."""
+    import shutil
+
+    prefix = DATA / f"nchan-{port}"
+    shutil.rmtree(prefix, ignore_errors=True)
+    prefix.mkdir(parents=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(NCHAN_CONF.format(module=NCHAN_MODULE, prefix=prefix, port=port))
+    nginx = shutil.which("nginx") or "nginx"
+    return Server(name, [nginx, "-p", str(prefix), "-c", str(conf)], dict(os.environ), port,
+                  "/healthz")
 
 
 def baseline_server(name: str, url: str, port: int) -> Server:

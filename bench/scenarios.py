@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 
 from . import infra
-from .infra import Server, Window, proc_rss, settle
+from .infra import Server, Window, settle
 from .loadclient import HttpLoad, StreamPool, Tracker, http_request
 
 SEQ = itertools.count(1)
@@ -83,20 +83,39 @@ class Publisher:
         self.conn: asyncpg.Connection | None = None
 
     async def open(self) -> None:
+        if self.kind == "nchan":  # nchan's publisher is an HTTP POST (url = its port)
+            self.http = await asyncio.open_connection("127.0.0.1", int(self.url))
+            return
         self.conn = await asyncpg.connect(self.url, timeout=10)
 
     async def close(self) -> None:
-        if self.conn is not None:
+        if self.kind == "nchan":
+            self.http[1].close()
+        elif self.conn is not None:
             await self.conn.close()
 
     async def publish(self, seq: int) -> float:
         payload = json.dumps({"ts": time.time(), "pad": PAD, "seq": seq})
+        if self.kind == "nchan":
+            return await self._post(payload.encode())
         assert self.conn is not None
         t = time.time()
         if self.kind == "pgsse":
             await self.conn.execute("SELECT realtime.publish('bench', 'bench', $1::jsonb)", payload)
         else:
             await self.conn.execute("SELECT pg_notify('bench', $1)", payload)
+        return t
+
+
+    async def _post(self, body: bytes) -> float:
+        reader, writer = self.http
+        t = time.time()
+        writer.write(b"POST /pub HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if length:
+            await reader.readexactly(int(length.group(1)))
         return t
 
 
@@ -280,16 +299,17 @@ async def stream_suite(kind: str, server: Server, url: str, plan: Plan, log: Any
     out: dict[str, Any] = {"idle": [], "fanout": [], "commit_latency": None}
     await server.wait_ready()
     await settle(server.pid, limit=5)
-    pub = Publisher(url, kind)
+    pub = Publisher(str(server.port) if kind == "nchan" else url,
+                    "pgsse" if kind.startswith("pgsse") else kind)
     await pub.open()
     pool = StreamPool(server.port, "/events?topic=bench", Tracker())
-    rss0 = proc_rss(server.pid)
+    rss0 = infra.tree_rss(server.pid)
     out["rss_before_bytes"] = rss0
     try:
         for n in plan.ns:
             ramp = await pool.ramp(n, step=500, deadline=time.monotonic() + max(30, plan.left()))
             await settle(server.pid, limit=10)
-            rss = proc_rss(server.pid)
+            rss = infra.tree_rss(server.pid)
             alive = pool.alive
             entry = {
                 "clients": alive, "requested": n, "ramp": ramp, "rss_bytes": rss,
@@ -321,14 +341,16 @@ async def stream_suite(kind: str, server: Server, url: str, plan: Plan, log: Any
             if plan.profile and n == max(plan.ns):
                 await settle(server.pid, limit=5)
                 out["profile"] = await profile_fanout(pool, pub, server, max(4, events), timeout, log)
-        if plan.left() > 45:
+        if kind == "nchan":
+            out["commit_latency"] = {"skipped": "nchan reads no database"}
+        elif plan.left() > 45:
             await pool.trim(plan.commit_clients)
             await settle(server.pid, limit=10)
             await confirm(pool, pub, timeout=30)
-            table = "bench_watched" if kind == "pgsse" else "bench_notified"
+            pgsse = kind.startswith("pgsse")
+            table = "bench_watched" if pgsse else "bench_notified"
             res = await commit_latency(pool, server, url, table, plan.commit_rate,
-                                       plan.commit_seconds,
-                                       drain=10.0 if kind == "pgsse" else 15.0)
+                                       plan.commit_seconds, drain=10.0 if pgsse else 15.0)
             out["commit_latency"] = res
             lat = res["latency"]
             log(f"  {kind}: commit→client at {res['clients']} clients, "
@@ -438,7 +460,32 @@ async def load_case(port: int, path: str, server: Server, plan: Plan,
     res["window"] = win.summary()
     cpu = win.sched
     res["requests_per_server_cpu_second"] = round(res["requests"] / cpu, 1) if cpu > 0 else None
+    if vary is None:
+        res["wrk"] = await wrk(port, path, plan, etag)
     return res
+
+
+async def wrk(port: int, path: str, plan: Plan, etag: str | None) -> dict[str, Any]:
+    """The same requests from ``wrk`` (C, one thread on the client's core): our Python load
+    client saturates before a server that answers from memory does. Debian: ``wrk``."""
+    import shutil
+
+    found = shutil.which("wrk")
+    if found is None:
+        return {"skipped": "wrk is not installed (apt-get install -y wrk)"}
+    argv = ["taskset", "-c", str(infra.CLIENT_CORE), found, "-t1",
+            f"-c{plan.agg_concurrency}", f"-d{max(2, int(plan.agg_seconds))}s"]
+    if etag:
+        argv += ["-H", f"If-None-Match: {etag}"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, f"http://127.0.0.1:{port}{path}", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    text = out.decode(errors="replace")
+    rps = re.search(r"Requests/sec:\s*([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
+    return {"rps": float(rps.group(1)) if rps else None,
+            "non_2xx_3xx": int(non2xx.group(1)) if non2xx else 0}
 
 
 async def profile_http(port: int, target: str, server: Server, plan: Plan, etag: str
@@ -507,6 +554,15 @@ async def aggregates_suite(url: str, plan: Plan, log: Any) -> dict[str, Any]:
                 out["pgsse"] = pg
         finally:
             server.stop()
+        # the yardstick: a bare Starlette route answering 304 on the same uvicorn
+        port = infra.free_port()
+        server = infra.bare304_server("bare-304", port).start()
+        try:
+            await server.wait_ready()
+            out["bare_304"] = await load_case(port, path, server, plan, stats_conn, 'W/"bare"')
+        finally:
+            server.stop()
+        out["ratios"] = aggregate_ratios(out)
         # baseline: query on every request, Cache-Control: max-age
         port = infra.free_port()
         server = infra.baseline_server("baseline-aggregates", url, port).start()
@@ -534,6 +590,60 @@ async def aggregates_suite(url: str, plan: Plan, log: Any) -> dict[str, Any]:
                     f"{p['queries']} queries")
     finally:
         await stats_conn.close()
+    return out
+
+
+def aggregate_ratios(out: dict[str, Any]) -> dict[str, Any]:
+    """pgsse's 304 and cached 200 in requests/s ÷ the bare route's 304 (targets 0.8, 0.6)."""
+    pg = out.get("pgsse", {})
+    ratios: dict[str, Any] = {}
+    for client in ("wrk", "python"):
+        def rps(case: dict[str, Any] | None, client: str = client) -> float | None:
+            if not isinstance(case, dict):
+                return None
+            return (case.get("wrk") or {}).get("rps") if client == "wrk" else case.get("rps")
+
+        bare = rps(out.get("bare_304"))
+        for case, target in (("304", 0.8), ("cached_200", 0.6)):
+            ours = rps(pg.get(case))
+            if bare and ours:
+                ratios[f"{case}_{client}"] = {"pgsse_rps": ours, "bare_304_rps": bare,
+                                              "ratio": round(ours / bare, 3),
+                                              "target": f">= {target}"}
+    return ratios
+
+
+def stream_ratios(streams: dict[str, Any]) -> dict[str, Any]:
+    """Fan-out CPU per delivery and idle RSS per stream, pgsse (each WORKERS) ÷ nchan."""
+    nchan = streams.get("nchan", {})
+    if not isinstance(nchan.get("fanout"), list):
+        return {"skipped": nchan.get("skipped", "no nchan run")}
+    out: dict[str, Any] = {}
+    for kind in ("pgsse", "pgsse-w2"):
+        ours = streams.get(kind, {})
+        if not isinstance(ours.get("fanout"), list):
+            continue
+        per_n: dict[str, Any] = {}
+        key = "cpu_per_delivery_us_schedstat"  # ns resolution (utime/stime count 10 ms ticks)
+        theirs = {f["clients"]: f for f in nchan["fanout"] if f.get(key)}
+        for f in ours["fanout"]:
+            other = theirs.get(f.get("clients"))
+            if other and f.get(key):
+                per_n[str(f["clients"])] = {
+                    "pgsse_us": f[key], "nchan_us": other[key],
+                    "ratio": round(f[key] / other[key], 3),
+                    "pgsse_p99_ms": f["latency"]["p99_ms"], "nchan_p99_ms": other["latency"]["p99_ms"]}
+        idle = {}
+        theirs_idle = {i["requested"]: i for i in nchan.get("idle", [])}
+        for i in ours.get("idle", []):
+            other = theirs_idle.get(i["requested"])
+            if other and other.get("rss_per_connection_kib"):
+                idle[str(i["requested"])] = {
+                    "pgsse_kib": i["rss_per_connection_kib"],
+                    "nchan_kib": other["rss_per_connection_kib"],
+                    "ratio": round(i["rss_per_connection_kib"] / other["rss_per_connection_kib"], 3)}
+        out[kind] = {"fanout_cpu_per_delivery": per_n, "idle_rss_per_stream": idle,
+                     "targets": "fan-out ratio <= 1.2; idle RSS ratio <= 1.0"}
     return out
 
 
