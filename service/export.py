@@ -79,8 +79,11 @@ def requested_format(request: Request, spec: AggregateFile) -> str | None:
             raise BadRequest(f"format must be one of {', '.join(FORMATS)}, got {wanted!r}",
                              code="invalid_parameter", param="format")
         return wanted
+    accept = request.headers.get("accept", "")
+    if "csv" not in accept and "ndjson" not in accept:
+        return None  # the polled JSON path (and every 304) stops here
     best: tuple[float, str | None] = (0.0, None)
-    for item in request.headers.get("accept", "").split(","):
+    for item in accept.split(","):
         media, _, params = item.partition(";")
         media = media.strip().lower()
         if media not in ACCEPTED:

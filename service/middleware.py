@@ -92,14 +92,19 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if _REQUEST_ID.fullmatch(given) else f"{_PREFIX}{next(_COUNTER):08x}"
+        started = time.perf_counter()
+        given = b""
+        header_bytes = 0
+        for name, value in scope["headers"]:  # one pass: the request id and the size
+            header_bytes += len(name) + len(value)
+            if name == b"x-request-id":
+                given = value
+        given_id = given.decode("latin-1")
+        request_id = given_id if given and _REQUEST_ID.fullmatch(given_id) else f"{_PREFIX}{next(_COUNTER):08x}"
         scope.setdefault("state", {})["request_id"] = request_id
         route = route_template(self.routes, scope)
-        started = time.perf_counter()
         app = self.app
-        if (len(scope.get("query_string", b"")) > MAX_QUERY_BYTES
-                or sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES):
+        if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES or header_bytes > MAX_HEADER_BYTES:
             metrics.REJECTED.labels("request_size").inc()
             app = BadRequest("query string or headers too large", code="request_too_large").response()
         rid = request_id.encode()
@@ -108,11 +113,17 @@ class RequestContext:
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status = message["status"]
-                extra = [(b"x-request-id", rid), *SECURITY_HEADERS]
-                content_type = next((v for k, v in message.get("headers", []) if k.lower() == b"content-type"), b"")
-                if content_type.startswith(b"text/html"):
-                    extra.append(HTML_CSP)
-                message["headers"] = [*message.get("headers", []), *extra]
+                headers = list(message.get("headers", ()))
+                html = False
+                for name, value in headers:
+                    if value[:9] == b"text/html" and name.lower() == b"content-type":
+                        html = True
+                        break
+                headers.append((b"x-request-id", rid))
+                headers.extend(SECURITY_HEADERS)
+                if html:
+                    headers.append(HTML_CSP)
+                message["headers"] = headers
                 elapsed = time.perf_counter() - started
                 count, duration = _route_metrics(route, scope["method"], status)
                 count.inc()
