@@ -4,6 +4,8 @@
   whose headers never complete: 2,000 peers sending one header line every 10 s would each
   hold a socket forever. Here a connection that has not completed its request headers within
   ``HEADER_TIMEOUT`` of connecting (or of starting a request) is closed.
+- **Disconnects without a task**: ``on_lost`` is called when the connection is lost, so a
+  stream needs no task parked on ``receive()`` to notice its client leave.
 - **The transport, in the scope** (``scope["extensions"]["pgsse.transport"]``): a dropped
   stream aborts its socket, because a graceful close waits for a peer that may never read
   (PITFALLS: it keeps the fd and the kernel's send buffer). With it, uvicorn's flow control
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -22,6 +25,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 def protocol_class(header_timeout: float) -> type[HttpToolsProtocol]:
     class PgsseHttpProtocol(HttpToolsProtocol):
         _header_timer: asyncio.TimerHandle | None = None
+        # Called once when the connection is lost (a stream's way to notice its client
+        # leave without a task waiting on ``receive()`` for hours: less memory per stream).
+        on_lost: Callable[[], None] | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -31,7 +37,8 @@ def protocol_class(header_timeout: float) -> type[HttpToolsProtocol]:
             super().on_message_begin()
             self.scope["extensions"] = {
                 "pgsse.transport": self.transport,  # type: ignore[dict-item]
-                "pgsse.flow": self.flow}  # type: ignore[dict-item]
+                "pgsse.flow": self.flow,  # type: ignore[dict-item]
+                "pgsse.protocol": self}  # type: ignore[dict-item]
             if self._header_timer is None:
                 self._arm()
 
@@ -42,6 +49,9 @@ def protocol_class(header_timeout: float) -> type[HttpToolsProtocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            callback, self.on_lost = self.on_lost, None
+            if callback is not None:
+                callback()
 
         def _arm(self) -> None:
             self._header_timer = self.loop.call_later(header_timeout, self._expire)

@@ -204,7 +204,14 @@ class EventStream:
         # Events at or below a resume position are never delivered again, even if this
         # replica has not read them yet (the client may come from a replica ahead of it).
         sub.cursor = live_from if position is None else position
-        watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
+        protocol = scope.get("extensions", {}).get("pgsse.protocol")
+        watcher: asyncio.Future[None] | None = None
+        if protocol is not None:
+            protocol.on_lost = lambda: sub.close(CloseReason.DISCONNECT)
+            if transport is not None and transport.is_closing():
+                sub.close(CloseReason.DISCONNECT)
+        else:  # another ASGI server: a task waits for http.disconnect
+            watcher = asyncio.ensure_future(self._watch_disconnect(receive, sub))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
             await send({"type": "http.response.body",
@@ -224,7 +231,10 @@ class EventStream:
                     await sub.wakeup.wait()
             await self._end(sub, send, transport, expires_is_auth)
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            if protocol is not None:
+                protocol.on_lost = None
             self.hub.unsubscribe(sub)
             self.limits.closed(client_key)
 

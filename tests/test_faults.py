@@ -561,3 +561,19 @@ async def test_automatic_pruning_never_removes_what_a_live_reader_has_not_read(
     await conn.execute("UPDATE realtime.readers SET position = $1 WHERE name = 'slow-replica'", top)
     await conn.execute("SELECT realtime.prune_retained('0 seconds')")
     assert await conn.fetchval("SELECT count(*) FROM realtime.events") == 0
+
+
+def test_a_client_that_leaves_is_noticed_at_once(start_server: Start) -> None:
+    server = start_server()
+    streams = [RawStream(server.port, "topic=leave") for _ in range(10)]
+    for stream in streams:
+        stream.read(5, until=lambda c: b"retry:" in c.body)
+    assert stats(server)["clients"] == 10
+    for stream in streams[:6]:
+        stream.close()
+    deadline = time.monotonic() + 5
+    while stats(server)["clients"] != 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert stats(server)["clients"] == 4, "closed connections are unsubscribed"
+    for stream in streams[6:]:
+        stream.close()
