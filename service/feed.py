@@ -3,8 +3,8 @@
 Two background loops per process, each owning one dedicated connection outside the pool:
 
 ``Sequencer`` — at most one process at a time holds a session advisory lock and calls
-``realtime.sequence_v1()``, which gives committed inbox rows their positions (see
-``sql/migrations/001_realtime.sql``). Writers take no lock and, under load, send no NOTIFY:
+``realtime.sequence_v2()``, which gives committed inbox rows their positions (see
+``sql/migrations/``; the queries are named in ``sql/queries/feed.sql``). Writers take no lock and, under load, send no NOTIFY:
 with ``WAKEUP=auto`` the sequencer polls every ``POLL_INTERVAL`` while changes keep coming and,
 once idle, sets ``realtime.sequencer.wake_writers`` so the next writer's transaction sends one
 payload-free NOTIFY that wakes it at once. A notification lost in the hand-over costs at most
@@ -14,19 +14,27 @@ the idle poll period, never an event. The leader also prunes history.
 sequencer), *then* reads ``position > cursor`` until caught up, and again on every
 notification and every second regardless: a lost notification is a delay, not a loss. On a
 lost connection it reconnects with jittered backoff, LISTENs again and catches up from its
-cursor, so the hub sees every position exactly once, in order.
+cursor, so the hub sees every position exactly once, in order. Every read of events also
+reads the pruned watermark in the same statement: a gap becomes ``reset``, never silence.
+
+``History`` — the same reads for streams catching up (replay), through the pool.
+
+Both loops use ``dedicated`` (their own connection, closed or terminated on the way out),
+``pause`` (the one wait: stop, a wake-up, or a timeout) and ``log_loss`` (a lost connection is
+a warning; anything else is a bug with a traceback, and the loop reconnects all the same).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +42,11 @@ import asyncpg
 
 from . import db, metrics
 from .hub import Event, Hub, Subscription
+from .queries import Lock, query
 from .settings import Settings
 
 log = logging.getLogger("pgsse.feed")
 
-SEQUENCER_LOCK = 7013170583927
 BATCH = 2000
 SAFETY_POLL_SECONDS = 1.0
 IDLE_POLL_SECONDS = 0.1
@@ -55,40 +63,34 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
 )
 
-# Rows after the cursor and the pruned watermark, read in ONE statement (one snapshot):
-# prune deletes rows and raises ``pruned_through`` in one transaction, so either the rows
-# are here or ``pruned_through`` says they are gone. Never a silent gap.
-READ_SQL = """
-SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
-FROM realtime.sequencer s
-LEFT JOIN LATERAL (
-    SELECT position, topics, type, tbl, payload::text AS payload,
-           extract(epoch FROM created_at)::float8 AS created_at
-    FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
-) e ON true
-WHERE s.id = 1
-"""
-
 REPLAY_BATCH = 1000
-REPLAY_SQL = """
-SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
-FROM realtime.sequencer s
-LEFT JOIN LATERAL (
-    SELECT position, topics, type, tbl, payload::text AS payload,
-           extract(epoch FROM created_at)::float8 AS created_at
-    FROM realtime.events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
-) e ON true
-WHERE s.id = 1
-"""
-HEAD_SQL = "SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1"
-EVENT_SQL = """
-SELECT position, topics, type, payload::text AS payload FROM realtime.events WHERE position = $1
-"""
 
-REGISTER_SQL = """
-INSERT INTO realtime.readers (name, position, seen_at) VALUES ($1, $2, clock_timestamp())
-ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, seen_at = EXCLUDED.seen_at
-"""
+
+async def pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
+    """The feed's one wait: until ``stop`` (or ``wake``) is set, or ``seconds`` pass."""
+    waits = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waits.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
+
+
+@contextlib.asynccontextmanager
+async def dedicated(url: str, application_name: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own, outside the pool (LISTEN and session locks need one):
+    closed on the way out, terminated if closing hangs on a dead network."""
+    conn: asyncpg.Connection = await asyncpg.connect(
+        url, timeout=5, server_settings={"application_name": application_name})
+    try:
+        yield conn
+    finally:
+        try:
+            await asyncio.wait_for(conn.close(), timeout=2)
+        except CONNECTION_ERRORS:
+            conn.terminate()
 
 
 class Backoff:
@@ -101,10 +103,15 @@ class Backoff:
     async def sleep(self, stop: asyncio.Event) -> None:
         delay = self.delay * random.uniform(0.5, 1.5)
         self.delay = min(self.delay * 2, self.most)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            pass
+        await pause(stop, delay)
+
+
+def log_loss(exc: BaseException, what: str, event: str) -> None:
+    """A lost connection is a warning; anything else is a bug, logged with its traceback."""
+    if isinstance(exc, CONNECTION_ERRORS):
+        log.warning(f"{what} lost", extra={"event": f"{event}_lost", "error": repr(exc)})
+    else:
+        log.error(f"{what} failed", exc_info=exc, extra={"event": f"{event}_error"})
 
 
 class EventDecoder:
@@ -116,11 +123,7 @@ class EventDecoder:
         self.key_columns: dict[str, list[str]] = {}
 
     async def load_keys(self, conn: db.Connection) -> None:
-        rows = await conn.fetch(
-            "SELECT n.nspname || '.' || c.relname AS tbl, w.key_columns "
-            "FROM realtime.watches w JOIN pg_class c ON c.oid = w.tbl "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace"
-        )
+        rows = await conn.fetch(query("key_columns"))
         self.key_columns = {row["tbl"]: list(row["key_columns"]) for row in rows}
 
     def decode(self, row: Any) -> Event:
@@ -170,12 +173,12 @@ class History:
 
     async def bounds(self) -> tuple[int, int]:
         """The sequencer's head and the pruned watermark."""
-        row = await self.database.pool.fetchrow(HEAD_SQL)
+        row = await self.database.pool.fetchrow(query("sequencer_bounds"))
         assert row is not None
         return row["last_position"], row["pruned_through"]
 
     async def read(self, sub: Subscription, after: int, until: int) -> HistoryRead:
-        rows = await self.database.pool.fetch(REPLAY_SQL, after, until, self.batch)
+        rows = await self.database.pool.fetch(query("replay_events"), after, until, self.batch)
         if rows[0]["pruned_through"] > after:
             return HistoryRead([], after, True)
         wanted = sub.topic_set
@@ -196,7 +199,7 @@ class History:
 
     async def event(self, position: int) -> Any:
         """One event, whole (``GET /events/<position>``), or None when absent or pruned."""
-        return await self.database.pool.fetchrow(EVENT_SQL, position)
+        return await self.database.pool.fetchrow(query("event_by_position"), position)
 
 
 class Listener:
@@ -256,62 +259,52 @@ class Listener:
         backoff = Backoff()
         first = True
         while not stop.is_set():
-            conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self.url, timeout=5, server_settings={"application_name": "pgsse-listener"})
-                conn.add_termination_listener(self._on_terminate)
-                await conn.add_listener("realtime_events", self._on_notify)
-                await self.decoder.load_keys(conn)
-                head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
-                if self.cursor is None:
-                    self.cursor = head
-                    self.hub.position = head
-                self._advance_head(head)
-                self.connected = True
-                metrics.FEED_UP.set(1)
-                if not first:
-                    log.info("change feed reconnected", extra={"event": "feed_reconnected", "cursor": self.cursor})
-                first = False
-                backoff.reset()
-                self.started.set()
-                while not stop.is_set():
-                    await self.catch_up(conn)
-                    self._wake.clear()
-                    waiter = asyncio.ensure_future(self._wake.wait())
-                    stopper = asyncio.ensure_future(stop.wait())
-                    try:
-                        await asyncio.wait({waiter, stopper}, timeout=SAFETY_POLL_SECONDS,
-                                           return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        waiter.cancel()
-                        stopper.cancel()
-                    if conn.is_closed():
-                        raise asyncpg.InterfaceError("feed connection closed")
-            except Exception as exc:
+                async with dedicated(self.url, "pgsse-listener") as conn:
+                    await self._listen(conn)
+                    if not first:
+                        log.info("change feed reconnected",
+                                 extra={"event": "feed_reconnected", "cursor": self.cursor})
+                    first = False
+                    backoff.reset()
+                    self.started.set()
+                    while not stop.is_set():
+                        await self.catch_up(conn)
+                        self._wake.clear()
+                        await pause(stop, SAFETY_POLL_SECONDS, self._wake)
+                        if conn.is_closed():
+                            raise asyncpg.InterfaceError("feed connection closed")
+            except Exception as exc:  # the loop must outlive any failure: reconnect
                 if stop.is_set():
                     break
                 if self.connected:
                     metrics.FEED_RECONNECTS.inc()
-                if isinstance(exc, CONNECTION_ERRORS):
-                    log.warning("change feed lost", extra={"event": "feed_lost", "error": repr(exc)})
-                else:
-                    log.error("change feed failed", exc_info=exc, extra={"event": "feed_error"})
+                log_loss(exc, "change feed", "feed")
                 await backoff.sleep(stop)
             finally:
                 self.connected = False
                 metrics.FEED_UP.set(0)
-                if conn is not None:
-                    try:
-                        await asyncio.wait_for(conn.close(), timeout=2)
-                    except Exception:
-                        conn.terminate()
         log.info("change feed stopped", extra={"event": "feed_stopped"})
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        """LISTEN first, then learn the head: nothing committed after this can be missed."""
+        conn.add_termination_listener(self._on_terminate)
+        await conn.add_listener("realtime_events", self._on_notify)
+        await self.decoder.load_keys(conn)
+        row = await conn.fetchrow(query("sequencer_bounds"))
+        assert row is not None, "realtime.sequencer has its one row from the first migration"
+        head: int = row["last_position"]
+        if self.cursor is None:
+            self.cursor = head
+            self.hub.position = head
+        self._advance_head(head)
+        self.connected = True
+        metrics.FEED_UP.set(1)
 
     async def catch_up(self, conn: asyncpg.Connection) -> None:
         assert self.cursor is not None
         while True:
-            rows = await conn.fetch(READ_SQL, self.cursor, BATCH)
+            rows = await conn.fetch(query("read_events"), self.cursor, BATCH)
             self.last_read = time.monotonic()
             pruned_through: int = rows[0]["pruned_through"]
             if pruned_through > self.cursor:
@@ -342,7 +335,7 @@ class Listener:
         metrics.FEED_LAG_POSITIONS.set(max(0, self.head - self.cursor))
         if time.monotonic() - self.registered_at >= REGISTER_EVERY_SECONDS:
             # Automatic pruning never removes what this replica has not read yet.
-            await conn.execute(REGISTER_SQL, self.name, self.cursor)
+            await conn.execute(query("register_reader"), self.name, self.cursor)
             self.registered_at = time.monotonic()
 
 
@@ -359,53 +352,39 @@ class Sequencer:
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(0.5, 5.0)
         while not stop.is_set():
-            conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(
-                    self.url, timeout=5, server_settings={"application_name": "pgsse-sequencer"})
-                while not stop.is_set():
-                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", SEQUENCER_LOCK):
+                async with dedicated(self.url, "pgsse-sequencer") as conn:
+                    while not stop.is_set():
+                        if await conn.fetchval(query("try_lead"), Lock.SEQUENCER_LEADER):
+                            break
+                        await pause(stop, random.uniform(0.5, 1.5))
+                    if stop.is_set():
                         break
-                    try:
-                        await asyncio.wait_for(stop.wait(), timeout=random.uniform(0.5, 1.5))
-                    except TimeoutError:
-                        pass
+                    self.leader = True
+                    metrics.SEQUENCER_LEADER.set(1)
+                    log.info("sequencer elected", extra={"event": "sequencer_leader"})
+                    backoff.reset()
+                    await conn.add_listener("realtime_wakeup", self._on_wakeup)
+                    await self.lead(conn, stop)
+            except Exception as exc:  # the loop must outlive any failure: reconnect
                 if stop.is_set():
                     break
-                self.leader = True
-                metrics.SEQUENCER_LEADER.set(1)
-                log.info("sequencer elected", extra={"event": "sequencer_leader"})
-                backoff.reset()
-                await conn.add_listener("realtime_wakeup", self._on_wakeup)
-                await self.lead(conn, stop)
-            except Exception as exc:
-                if stop.is_set():
-                    break
-                if isinstance(exc, CONNECTION_ERRORS):
-                    log.warning("sequencer connection lost",
-                                extra={"event": "sequencer_lost", "error": repr(exc)})
-                else:
-                    log.error("sequencer failed", exc_info=exc, extra={"event": "sequencer_error"})
+                log_loss(exc, "sequencer connection", "sequencer")
                 await backoff.sleep(stop)
             finally:
                 self.leader = False
                 metrics.SEQUENCER_LEADER.set(0)
-                if conn is not None:
-                    try:
-                        await asyncio.wait_for(conn.close(), timeout=2)
-                    except Exception:
-                        conn.terminate()
         log.info("sequencer stopped", extra={"event": "sequencer_stopped"})
 
     async def lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         mode = self.settings.wakeup
         poll = self.settings.poll_interval_seconds
-        await conn.execute("UPDATE realtime.sequencer SET wake_writers = $1", mode != "poll")
+        await conn.execute(query("set_wake_writers"), mode != "poll")
         writers_wake = mode != "poll"
         next_prune = time.monotonic() + 5.0
         idle_since: float | None = None
         while not stop.is_set():
-            moved = await conn.fetchval("SELECT realtime.sequence_v2($1)", BATCH)
+            moved = await conn.fetchval(query("sequence"), BATCH)
             now = time.monotonic()
             if moved:
                 metrics.EVENTS_SEQUENCED.inc(moved)
@@ -419,50 +398,34 @@ class Sequencer:
                 await self.prune(conn)
             # Each batch has a fixed cost (its commit above all): under a heavy write load,
             # poll less often so batches grow; under a light one stay quick for latency.
-            pause = poll * 4 if moved >= BUSY_BATCH else poll
+            wait = poll * 4 if moved >= BUSY_BATCH else poll
             if mode == "poll":
-                await self._sleep(stop, pause)
+                await pause(stop, wait)
                 continue
             if mode == "auto":
                 idle = idle_since is not None and now - idle_since >= 0.05
                 if idle and not writers_wake:
-                    await conn.execute("UPDATE realtime.sequencer SET wake_writers = true")
+                    await conn.execute(query("set_wake_writers"), True)
                     writers_wake = True
                     continue  # re-check: a writer may have committed before seeing the flag
                 if not idle and writers_wake:
-                    await conn.execute("UPDATE realtime.sequencer SET wake_writers = false")
+                    await conn.execute(query("set_wake_writers"), False)
                     writers_wake = False
                 if not writers_wake:
-                    await self._sleep(stop, pause)
+                    await pause(stop, wait)
                     continue
             # Writers wake us: wait for a NOTIFY, with a short safety poll.
             self._wake.clear()
-            await self._sleep(stop, IDLE_POLL_SECONDS if mode == "auto" else SAFETY_POLL_SECONDS,
-                              self._wake)
-
-    async def _sleep(self, stop: asyncio.Event, seconds: float,
-                     wake: asyncio.Event | None = None) -> None:
-        events = [asyncio.ensure_future(stop.wait())]
-        if wake is not None:
-            events.append(asyncio.ensure_future(wake.wait()))
-        try:
-            await asyncio.wait(events, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for fut in events:
-                fut.cancel()
+            await pause(stop, IDLE_POLL_SECONDS if mode == "auto" else SAFETY_POLL_SECONDS,
+                        self._wake)
 
     async def prune(self, conn: asyncpg.Connection) -> None:
         retention = self.settings.history_retention_seconds
-        removed = await conn.fetchval("SELECT realtime.prune_retained(make_interval(secs => $1))", retention)
+        removed = await conn.fetchval(query("prune_retained"), retention)
         if removed:
             metrics.HISTORY_PRUNED.inc(removed)
             log.info("history pruned", extra={"event": "history_pruned", "removed": removed})
-        row = await conn.fetchrow(
-            "SELECT pg_notification_queue_usage() AS usage,"
-            " (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,"
-            " (SELECT extract(epoch FROM clock_timestamp() - sequenced_at) FROM realtime.events"
-            "  ORDER BY position LIMIT 1) AS age"
-        )
+        row = await conn.fetchrow(query("history_stats"))
         assert row is not None
         metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)
         metrics.HISTORY_ROWS.set(max(0.0, row["rows"] or 0))

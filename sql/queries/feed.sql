@@ -1,0 +1,68 @@
+-- Named queries of the change feed (service/feed.py): the listener, history reads for
+-- streams, and the sequencer. Reads of events always carry realtime.sequencer's
+-- pruned_through from the SAME statement (one snapshot): prune deletes rows and raises it in
+-- one transaction, so a reader either has the rows or knows they are gone.
+
+-- name: read_events
+-- The listener: events after $1 (at most $2) and the pruned watermark; one row even if none.
+SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
+FROM realtime.sequencer s
+LEFT JOIN LATERAL (
+    SELECT position, topics, type, tbl, payload::text AS payload,
+           extract(epoch FROM created_at)::float8 AS created_at
+    FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
+) e ON true
+WHERE s.id = 1
+
+-- name: replay_events
+-- A stream catching up from history: events in ($1, $2], at most $3, and the watermark.
+SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
+FROM realtime.sequencer s
+LEFT JOIN LATERAL (
+    SELECT position, topics, type, tbl, payload::text AS payload,
+           extract(epoch FROM created_at)::float8 AS created_at
+    FROM realtime.events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
+) e ON true
+WHERE s.id = 1
+
+-- name: sequencer_bounds
+-- The head (last position handed out) and the pruned watermark.
+SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1
+
+-- name: event_by_position
+-- One retained event, whole (GET /events/<position>).
+SELECT position, topics, type, payload::text AS payload FROM realtime.events WHERE position = $1
+
+-- name: register_reader
+-- This process's listener has read up to $2: automatic pruning keeps what is after it.
+INSERT INTO realtime.readers (name, position, seen_at) VALUES ($1, $2, clock_timestamp())
+ON CONFLICT (name) DO UPDATE SET position = EXCLUDED.position, seen_at = EXCLUDED.seen_at
+
+-- name: key_columns
+-- Each watched table's key columns (a truncated event carries the key).
+SELECT n.nspname || '.' || c.relname AS tbl, w.key_columns
+FROM realtime.watches w JOIN pg_class c ON c.oid = w.tbl
+JOIN pg_namespace n ON n.oid = c.relnamespace
+
+-- name: try_lead
+-- Session advisory lock: one sequencer per database ($1 = Lock.SEQUENCER_LEADER).
+SELECT pg_try_advisory_lock($1)
+
+-- name: sequence
+-- Number up to $1 committed inbox rows; returns how many.
+SELECT realtime.sequence_v2($1)
+
+-- name: set_wake_writers
+-- Whether writers send a payload-free NOTIFY (the sequencer is idle and waits for one).
+UPDATE realtime.sequencer SET wake_writers = $1
+
+-- name: prune_retained
+-- The service's pruning: older than $1 seconds, never past what a live reader has read.
+SELECT realtime.prune_retained(make_interval(secs => $1))
+
+-- name: history_stats
+-- For metrics: NOTIFY queue fill, retained events (estimate), age of the oldest.
+SELECT pg_notification_queue_usage() AS usage,
+       (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,
+       (SELECT extract(epoch FROM clock_timestamp() - sequenced_at) FROM realtime.events
+        ORDER BY position LIMIT 1) AS age
