@@ -3,15 +3,18 @@
 Two background loops per process, each owning one dedicated connection outside the pool:
 
 ``Sequencer`` — at most one process at a time holds a session advisory lock and calls
-``realtime.sequence_v2()``, which gives committed inbox rows their positions (see
-``sql/migrations/``; the queries are named in ``sql/queries/feed.sql``). Writers take no lock and, under load, send no NOTIFY:
+``realtime.sequence_v3()``, which numbers the changes of transactions committed since its
+previous snapshot, in place (see ``sql/migrations/003_lean_capture.sql``; the queries are
+named in ``sql/queries/feed.sql``). Writers take no lock and, under load, send no NOTIFY:
 with ``WAKEUP=auto`` the sequencer polls every ``POLL_INTERVAL`` while changes keep coming and,
-once idle, sets ``realtime.sequencer.wake_writers`` so the next writer's transaction sends one
+once idle, raises the wake-up flag (the sequence ``realtime.wakeup``, mirrored in
+``realtime.sequencer.wake_writers``) so the next writer's transaction sends one
 payload-free NOTIFY that wakes it at once. A notification lost in the hand-over costs at most
 the idle poll period, never an event. The leader also prunes history.
 
 ``Listener`` — LISTENs on ``realtime_events`` (one NOTIFY per sequenced batch, from the
-sequencer), *then* reads ``position > cursor`` until caught up, and again on every
+sequencer), *then* reads ``position > cursor`` (each position joined to its change, the
+payload assembled as text by the same statement) until caught up, and again on every
 notification and every second regardless: a lost notification is a delay, not a loss. On a
 lost connection it reconnects with jittered backoff, LISTENs again and catches up from its
 cursor, so the hub sees every position exactly once, in order. Every read of events also

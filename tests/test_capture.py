@@ -1,25 +1,35 @@
-"""The SQL side against a real PostgreSQL: watch, publish, prune, and the sequencer."""
+"""The SQL side against a real PostgreSQL: watch, publish, prune, and the sequencer.
+
+Events are read with the listener's own statement (``read_events``), so what is checked
+here is what every stream receives."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import random
+from typing import Any
 
 import asyncpg
 import pytest
+from pgsse.queries import query
 
 
-async def sequence(conn: asyncpg.Connection) -> None:
-    while await conn.fetchval("SELECT realtime.sequence_v1(5000)"):
+async def sequence(conn: asyncpg.Connection, batch: int = 5000) -> None:
+    while await conn.fetchval("SELECT realtime.sequence_v3($1)", batch):
         pass
 
 
-async def events(conn: asyncpg.Connection) -> list[dict]:
-    await sequence(conn)
-    rows = await conn.fetch("SELECT position, topics, type, tbl, payload::text FROM realtime.events ORDER BY position")
+async def raw_events(conn: asyncpg.Connection, batch: int = 5000) -> list[Any]:
+    await sequence(conn, batch)
+    rows = await conn.fetch(query("read_events"), 0, 1_000_000)
+    return [r for r in rows if r["position"] is not None]
+
+
+async def events(conn: asyncpg.Connection, batch: int = 5000) -> list[dict]:
     return [{"position": r["position"], "topics": list(r["topics"]), "type": r["type"],
-             "tbl": r["tbl"], "data": json.loads(r["payload"])} for r in rows]
+             "tbl": r["tbl"], "data": json.loads(r["payload"])}
+            for r in await raw_events(conn, batch)]
 
 
 @pytest.fixture
@@ -116,7 +126,7 @@ async def test_positions_follow_commit_order_not_insert_order(database: str) -> 
         await tr.start()
         await early.execute("SELECT realtime.publish('t', 'first_inserted', '{}')")
         await late.execute("SELECT realtime.publish('t', 'second_inserted', '{}')")
-        await late.execute("SELECT realtime.sequence_v1()")
+        await late.execute("SELECT realtime.sequence_v3()")
         await tr.commit()
         got = await events(late)
         assert [e["type"] for e in got] == ["second_inserted", "first_inserted"]
@@ -143,7 +153,8 @@ async def test_concurrent_writers_and_sequencer_never_skip(database: str) -> Non
     async def sequencer() -> None:
         async with pool.acquire() as c:
             while not stop.is_set():
-                await c.execute("SELECT realtime.sequence_v1()")
+                # Small batches: commits keep arriving while a snapshot is numbered in parts.
+                await c.execute("SELECT realtime.sequence_v3(7)")
                 await asyncio.sleep(0.001)
 
     seen: list[int] = []
@@ -178,3 +189,107 @@ async def test_prune_by_age_uses_checkpoints(conn: asyncpg.Connection) -> None:
     await sequence(conn)
     assert await conn.fetchval("SELECT realtime.prune('1 hour')") == 3
     assert await conn.fetchval("SELECT min(position) FROM realtime.events") == 4
+
+
+async def test_envelope_is_byte_for_byte_what_jsonb_printed(conn: asyncpg.Connection) -> None:
+    """The payload is assembled when reading; clients get the bytes the trigger of migration
+    001 produced with jsonb_build_object (key order, spacing, escapes)."""
+    await conn.execute('CREATE SCHEMA "odd.schema"')
+    await conn.execute('CREATE TABLE "odd.schema"."tab""le" (id int PRIMARY KEY, t text, j jsonb, n numeric)')
+    await conn.execute("""SELECT realtime.watch('"odd.schema"."tab""le"', 'odd', 't')""")
+    tricky = 'quote " back \\ tab \t nl \n ünï 😀 </script>'
+    await conn.execute('INSERT INTO "odd.schema"."tab""le" VALUES (1, $1, $2, 1.50)', tricky,
+                       json.dumps({"b": [1, 2.5e3, None], "a": "x"}))
+    await conn.execute('UPDATE "odd.schema"."tab""le" SET t = \'k\'')
+    await conn.execute('DELETE FROM "odd.schema"."tab""le"')
+    rows = await raw_events(conn)
+    assert len(rows) == 3
+    for row in rows:
+        expected = await conn.fetchval("""
+            SELECT jsonb_build_object('topic', d->'topic', 'op', d->'op', 'table', d->'table',
+                                      'row', d->'row', 'old', d->'old', 'ts', d->'ts')::text
+            FROM (SELECT $1::jsonb AS d) s""", row["payload"])
+        assert row["payload"] == expected
+    data = json.loads(rows[0]["payload"])
+    assert data["row"]["t"] == tricky and data["table"] == 'odd.schema.tab"le'
+    assert rows[0]["type"] == 'tab"le.insert'
+    assert data["ts"].endswith("Z") and len(data["ts"]) == len("2024-01-01T00:00:00.000000Z")
+    assert json.loads(rows[1]["payload"])["old"]["t"] == tricky
+    assert list(rows[1]["topics"])[1].startswith("odd/quote%20%22")
+
+
+async def test_bulk_insert_select_is_one_event_per_row_in_order(items: asyncpg.Connection) -> None:
+    await items.execute("INSERT INTO items SELECT g, 's' || (g % 3), 'n' || g, 'x' "
+                        "FROM generate_series(1, 10000) g")
+    got = await events(items, batch=3000)
+    assert [e["position"] for e in got] == list(range(1, 10001))
+    assert [e["data"]["row"]["id"] for e in got] == list(range(1, 10001))
+    assert got[4]["topics"] == ["items/s2"] and "secret" not in got[4]["data"]["row"]
+    await items.execute("DELETE FROM items WHERE id <= 3")
+    got = await events(items)
+    assert [(e["type"], e["data"]["row"]["id"]) for e in got[-3:]] == [
+        ("items.delete", 1), ("items.delete", 2), ("items.delete", 3)]
+
+
+async def test_savepoints_rolled_back_emit_nothing(items: asyncpg.Connection) -> None:
+    async with items.transaction():
+        await items.execute("INSERT INTO items VALUES (1, 'a', 'kept', 's')")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            async with items.transaction():  # a savepoint
+                await items.execute("INSERT INTO items VALUES (2, 'a', 'undone', 's')")
+                await items.execute("INSERT INTO items VALUES (1, 'a', 'dup', 's')")
+        async with items.transaction():
+            await items.execute("INSERT INTO items VALUES (3, 'a', 'released', 's')")
+    got = await events(items)
+    assert [e["data"]["row"]["name"] for e in got] == ["kept", "released"]
+
+
+async def test_a_long_transaction_is_numbered_when_it_commits(database: str) -> None:
+    """A writer open across many batches (its xid stays in the sequencer's snapshot list)
+    gets positions after everything that committed before it, and nothing is numbered twice."""
+    long = await asyncpg.connect(database)
+    other = await asyncpg.connect(database)
+    try:
+        tr = long.transaction()
+        await tr.start()
+        await long.execute("SELECT realtime.publish('t', 'long', '{}')")
+        for i in range(5):
+            await other.execute("SELECT realtime.publish('t', 'short', jsonb_build_object('i', $1::int))", i)
+            await sequence(other, batch=2)
+        await long.execute("SELECT realtime.publish('t', 'long', '{}')")
+        await tr.commit()
+        got = await events(other, batch=1)
+        assert [e["type"] for e in got] == ["short"] * 5 + ["long", "long"]
+        assert [e["position"] for e in got] == list(range(1, 8))
+        assert await other.fetchval("SELECT count(*) FROM realtime.inbox") == 0
+    finally:
+        await long.close()
+        await other.close()
+
+
+async def test_inbox_counts_committed_changes_not_numbered_yet(conn: asyncpg.Connection) -> None:
+    for i in range(5):
+        await conn.execute("SELECT realtime.publish('p', 'tick', jsonb_build_object('i', $1::int))", i)
+    assert await conn.fetchval("SELECT count(*) FROM realtime.inbox") == 5
+    assert await conn.fetchval("SELECT realtime.sequence_v3(2)") == 2
+    assert await conn.fetchval("SELECT count(*) FROM realtime.inbox") == 3
+    await sequence(conn)
+    assert await conn.fetchval("SELECT count(*) FROM realtime.inbox") == 0
+
+
+async def test_publish_refuses_sql_null_data(conn: asyncpg.Connection) -> None:
+    with pytest.raises(asyncpg.PostgresError):
+        await conn.execute("SELECT realtime.publish('p', 'x', NULL)")
+    await conn.execute("SELECT realtime.publish('p', 'x', 'null')")
+    assert [e["data"] for e in await events(conn)] == [None]
+
+
+async def test_prune_removes_changes_with_their_positions(conn: asyncpg.Connection) -> None:
+    for i in range(4):
+        await conn.execute("SELECT realtime.publish('p', 'tick', jsonb_build_object('i', $1::int))", i)
+    await sequence(conn)
+    assert await conn.fetchval("SELECT realtime.prune('0 seconds')") == 4
+    assert await conn.fetchval("SELECT count(*) FROM realtime.changes") == 0
+    await conn.execute("SELECT realtime.publish('p', 'after', '{}')")
+    rows = await raw_events(conn)
+    assert [(r["position"], r["pruned_through"]) for r in rows] == [(5, 4)]

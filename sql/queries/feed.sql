@@ -5,12 +5,17 @@
 
 -- name: read_events
 -- The listener: events after $1 (at most $2) and the pruned watermark; one row even if none.
+-- An event is its position (realtime.events) joined to the change it numbers; the payload
+-- is assembled here, as text (realtime.payload_v3).
 SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
 FROM realtime.sequencer s
 LEFT JOIN LATERAL (
-    SELECT position, topics, type, tbl, payload::text AS payload,
-           extract(epoch FROM created_at)::float8 AS created_at
-    FROM realtime.events WHERE position > $1 ORDER BY position LIMIT $2
+    SELECT p.position,
+           CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
+           c.type, c.tbl, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload,
+           extract(epoch FROM c.created_at)::float8 AS created_at
+    FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
+    WHERE p.position > $1 ORDER BY p.position LIMIT $2
 ) e ON true
 WHERE s.id = 1
 
@@ -19,9 +24,12 @@ WHERE s.id = 1
 SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
 FROM realtime.sequencer s
 LEFT JOIN LATERAL (
-    SELECT position, topics, type, tbl, payload::text AS payload,
-           extract(epoch FROM created_at)::float8 AS created_at
-    FROM realtime.events WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3
+    SELECT p.position,
+           CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
+           c.type, c.tbl, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload,
+           extract(epoch FROM c.created_at)::float8 AS created_at
+    FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
+    WHERE p.position > $1 AND p.position <= $2 ORDER BY p.position LIMIT $3
 ) e ON true
 WHERE s.id = 1
 
@@ -31,7 +39,11 @@ SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1
 
 -- name: event_by_position
 -- One retained event, whole (GET /events/<position>).
-SELECT position, topics, type, payload::text AS payload FROM realtime.events WHERE position = $1
+SELECT p.position,
+       CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
+       c.type, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload
+FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
+WHERE p.position = $1
 
 -- name: register_reader
 -- This process's listener has read up to $2: automatic pruning keeps what is after it.
@@ -49,12 +61,14 @@ JOIN pg_namespace n ON n.oid = c.relnamespace
 SELECT pg_try_advisory_lock($1)
 
 -- name: sequence
--- Number up to $1 committed inbox rows; returns how many.
-SELECT realtime.sequence_v2($1)
+-- Number up to $1 committed changes; returns how many.
+SELECT realtime.sequence_v3($1)
 
 -- name: set_wake_writers
 -- Whether writers send a payload-free NOTIFY (the sequencer is idle and waits for one).
-UPDATE realtime.sequencer SET wake_writers = $1
+-- Writers read the sequence; the column says the same to people and older versions.
+WITH flag AS (SELECT setval('realtime.wakeup', CASE WHEN $1::boolean THEN 1 ELSE 0 END))
+UPDATE realtime.sequencer SET wake_writers = $1::boolean FROM flag
 
 -- name: prune_retained
 -- The service's pruning: older than $1 seconds, never past what a live reader has read.
@@ -64,5 +78,6 @@ SELECT realtime.prune_retained(make_interval(secs => $1))
 -- For metrics: NOTIFY queue fill, retained events (estimate), age of the oldest.
 SELECT pg_notification_queue_usage() AS usage,
        (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,
-       (SELECT extract(epoch FROM clock_timestamp() - sequenced_at) FROM realtime.events
-        ORDER BY position LIMIT 1) AS age
+       (SELECT extract(epoch FROM clock_timestamp() - c.created_at)
+        FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
+        ORDER BY p.position LIMIT 1) AS age
