@@ -648,15 +648,29 @@ def stream_ratios(streams: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- writer cost ------------------------------------------------------------------------
+#
+# pgbench at 8 clients (fsync on), PostgreSQL, pgbench and the pgsse server all free to use
+# every core (a database host running the service), the service running throughout. Each
+# round runs every table once per operation, the order rotating, so the designs and the
+# unwatched baseline share the machine's drift; ratios are taken within a round and
+# reported as min / median / max over the rounds.
+
+WRITER_ROWS = 100_000   # rows each table starts with (UPDATEs pick one at random)
+BULK_ROWS = 10_000      # rows of one INSERT ... SELECT
+
+# table -> how its changes are captured. "plain" is unwatched. "stmt" is realtime.watch()'s
+# own capture (statement-level INSERT/DELETE with transition tables, per-row UPDATE, since
+# migration 003); "row" the same capture done per row for every operation
+# (realtime.capture_row_v1, what triggers installed before 003 run).
+WRITER_DESIGNS = ("plain", "stmt", "row")
 
 
-def pgbench(pgdir: Any, url: str, table: str, clients: int, seconds: int,
+def pgbench(pgdir: Any, url: str, script_sql: str, name: str, clients: int, seconds: int,
             cores: set[int] | None = None) -> dict[str, Any]:
     cores = cores or {infra.CLIENT_CORE}
-    script = infra.RESULTS / "tmp" / f"insert_{table}.sql"
+    script = infra.RESULTS / "tmp" / f"writer_{name}.sql"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text("\\set n random(1, 1000000000)\n"
-                      f"INSERT INTO {table} (seq, payload) VALUES (:n, '{PAD}');\n")
+    script.write_text(script_sql)
     argv = [str(pgdir / "pgbench"), "-n", "-M", "prepared", "-f", str(script),
             "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds), url]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
@@ -668,8 +682,16 @@ def pgbench(pgdir: Any, url: str, table: str, clients: int, seconds: int,
     return {"tps": round(float(match.group(1)), 1), "latency_avg_ms": float(lat.group(1)) if lat else None}
 
 
+def writer_script(op: str, table: str) -> str:
+    if op == "insert":
+        return ("\\set n random(1, 1000000000)\n"
+                f"INSERT INTO {table} (seq, payload) VALUES (:n, '{PAD}');\n")
+    return (f"\\set id random(1, {WRITER_ROWS})\n"
+            f"UPDATE {table} SET seq = seq + 1 WHERE id = :id;\n")
+
+
 async def backlog(conn: asyncpg.Connection, limit: float) -> dict[str, Any]:
-    """Inbox rows not yet sequenced right after the run, and how long they take to drain."""
+    """Committed changes not numbered yet right after a run, and how long they take to drain."""
     start = time.monotonic()
     first = int(await conn.fetchval("SELECT count(*) FROM realtime.inbox"))
     left = first
@@ -682,94 +704,112 @@ async def backlog(conn: asyncpg.Connection, limit: float) -> dict[str, Any]:
             "drain_s": round(time.monotonic() - start, 2)}
 
 
+async def setup_writer_tables(conn: asyncpg.Connection) -> dict[str, str]:
+    """One table per design, identical, pre-filled; returns each one's capture triggers."""
+    found = {}
+    for design in WRITER_DESIGNS:
+        table = f"writer_{design}"
+        await conn.execute(f"DROP TABLE IF EXISTS {table}")
+        await conn.execute(f"CREATE TABLE {table} (id bigserial PRIMARY KEY, seq bigint NOT NULL, payload text)")
+        await conn.execute(f"INSERT INTO {table} (seq, payload) SELECT g, $1 FROM generate_series(1, $2) g",
+                           PAD, WRITER_ROWS)
+        if design != "plain":
+            await conn.execute(f"SELECT realtime.watch('{table}', 'bench')")
+        if design == "row":
+            for op in ("insert", "update", "delete"):
+                await conn.execute(f"DROP TRIGGER IF EXISTS pgsse_capture_{op} ON {table}")
+                await conn.execute(
+                    f"CREATE TRIGGER pgsse_capture_{op} AFTER {op.upper()} ON {table} FOR EACH ROW "
+                    "EXECUTE FUNCTION realtime.capture_row_v1('bench', '', '{}')")
+        await conn.execute(f"VACUUM ANALYZE {table}")
+        found[design] = " | ".join(r["d"] for r in await conn.fetch(
+            "SELECT pg_get_triggerdef(oid) AS d FROM pg_trigger WHERE tgrelid = $1::regclass "
+            "AND NOT tgisinternal ORDER BY tgname", table))
+    return found
+
+
+async def bulk_round(conn: asyncpg.Connection, tables: list[str]) -> dict[str, float]:
+    """One INSERT ... SELECT of BULK_ROWS rows per table, in the given order (ms each)."""
+    out = {}
+    for table in tables:
+        began = time.perf_counter()
+        await conn.execute(f"INSERT INTO {table} (seq, payload) SELECT g, $1 FROM generate_series(1, $2) g",
+                           PAD, BULK_ROWS)
+        out[table] = round((time.perf_counter() - began) * 1000, 1)
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    srt = sorted(values)
+    return {"min": round(srt[0], 3), "median": round(srt[len(srt) // 2], 3), "max": round(srt[-1], 3),
+            "n": len(srt)}
+
+
 async def writer_suite(pg: infra.Postgres, url: str, plan: Plan, log: Any) -> dict[str, Any]:
     T = plan.pgbench_seconds
-    out: dict[str, Any] = {"seconds_per_run": T, "runs": {}}
+    rounds = 2 if plan.quick else 3
+    clients = 8
+    both = set(range(os.cpu_count() or 2))
+    out: dict[str, Any] = {"seconds_per_run": T, "rounds": rounds, "clients": clients,
+                           "cores": os.cpu_count(), "placement": "unpinned: PostgreSQL, pgbench and pgsse on every core",
+                           "runs": {}, "bulk_ms": {}}
+    pg.pin(None)
     conn = await asyncpg.connect(url, timeout=10)
-
-    async def run(label: str, table: str, clients: int, server: Server | None = None,
-                  cores: set[int] | None = None) -> dict[str, Any]:
-        await conn.execute("CHECKPOINT")
-        cpu0 = infra.proc_cpu(server.pid) if server else 0.0
-        res = await asyncio.to_thread(pgbench, pg.bin, url, table, clients, T, cores)
-        if server is not None:
-            res["server_cpu_s"] = round(infra.proc_cpu(server.pid) - cpu0, 2)
-            res["sequencer"] = await backlog(conn, 30.0)
-            try:
-                stats = json.loads((await http_request(server.port, "/stats")).body)
-                res["service_lag_positions"] = stats.get("lag")
-            except (OSError, ValueError, TimeoutError):
-                pass
-        out["runs"].setdefault(label, {})[str(clients)] = res
-        log(f"  writer {label} c={clients}: {res.get('tps')} tps"
-            + (f", inbox at end {res['sequencer']['inbox_rows_at_end']}" if "sequencer" in res else ""))
-        return res
-
+    server: Server | None = None
     try:
-        for clients in (1, 8):
-            await run("unwatched", "bench_plain", clients)
-        # the capture alone: trigger into the inbox, no NOTIFY, no service
-        await conn.execute("UPDATE realtime.sequencer SET wake_writers = false")
-        for clients in (1, 8):
-            await run("watched_no_service", "bench_watched", clients)
-        await conn.execute("TRUNCATE realtime.inbox")
-        for mode in ("auto", "notify"):
-            if plan.left() < 3 * T + 30:
-                out["runs"][f"watched_service_{mode}"] = {"skipped": "time budget"}
-                continue
-            port = infra.free_port()
-            server = infra.pgsse_server(f"pgsse-writer-{mode}", url, port, WAKEUP=mode).start()
-            try:
-                await server.wait_ready()
-                await settle(server.pid, limit=5)
-                for clients in (1, 8):
-                    await run(f"watched_service_{mode}", "bench_watched", clients, server)
-            finally:
-                server.stop()
-        for clients in (1, 8):
-            await run("unwatched_again", "bench_plain", clients)
-        # Informational: PostgreSQL and pgbench free to use both cores (the pgsse server
-        # stays on core 0), closer to how a database host runs.
-        if plan.left() > 4 * T + 40:
-            both = set(range(os.cpu_count() or 2))
-            pg.pin(None)
-            await conn.close()
-            conn = await asyncpg.connect(url, timeout=10)
-            try:
-                await run("unpinned_unwatched", "bench_plain", 8, cores=both)
-                await conn.execute("UPDATE realtime.sequencer SET wake_writers = false")
-                await run("unpinned_watched_no_service", "bench_watched", 8, cores=both)
-                await conn.execute("TRUNCATE realtime.inbox")
-                port = infra.free_port()
-                server = infra.pgsse_server("pgsse-writer-unpinned", url, port).start()
-                try:
-                    await server.wait_ready()
-                    await settle(server.pid, limit=5)
-                    await run("unpinned_watched_service_auto", "bench_watched", 8, server,
-                              cores=both)
-                finally:
-                    server.stop()
-            finally:
-                pg.pin(infra.CLIENT_CORE)
+        out["designs"] = await setup_writer_tables(conn)
+        out["schema"] = [r["name"] for r in await conn.fetch("SELECT name FROM realtime.migrations ORDER BY name")]
+        port = infra.free_port()
+        server = infra.pgsse_server("pgsse-writer", url, port, cores=both).start()
+        await server.wait_ready()
+        await settle(server.pid, limit=5)
+        order = list(WRITER_DESIGNS)
+        for r in range(rounds):
+            for op in ("insert", "update"):
+                for design in order:
+                    table = f"writer_{design}"
+                    await conn.execute("CHECKPOINT")
+                    cpu0 = infra.proc_cpu(server.pid)
+                    res = await asyncio.to_thread(pgbench, pg.bin, url, writer_script(op, table),
+                                                  f"{op}_{design}", clients, T, both)
+                    res["server_cpu_s"] = round(infra.proc_cpu(server.pid) - cpu0, 2)
+                    if design != "plain":
+                        res["sequencer"] = await backlog(conn, 30.0)
+                    out["runs"].setdefault(op, {}).setdefault(design, []).append(res)
+                    log(f"  writer round {r + 1} {op} {design}: {res.get('tps')} tps"
+                        + (f", inbox at end {res['sequencer']['inbox_rows_at_end']}"
+                           if "sequencer" in res else ""))
+            bulk = await bulk_round(conn, [f"writer_{d}" for d in order])
+            for design in order:
+                out["bulk_ms"].setdefault(design, []).append(bulk[f"writer_{design}"])
+            out.setdefault("bulk_sequencer", []).append(await backlog(conn, 30.0))
+            log(f"  writer round {r + 1} bulk {BULK_ROWS} rows (ms): {bulk}")
+            order = order[1:] + order[:1]
+        try:
+            stats = json.loads((await http_request(server.port, "/stats")).body)
+            out["service_lag_positions_at_end"] = stats.get("lag")
+        except (OSError, ValueError, TimeoutError):
+            pass
     finally:
+        if server is not None:
+            server.stop()
         await conn.close()
-    runs = out["runs"]
-
-    def tps(label: str, c: int) -> float | None:
-        return runs.get(label, {}).get(str(c), {}).get("tps")
+        pg.pin(infra.CLIENT_CORE)
 
     ratios: dict[str, Any] = {}
-    for label in ("unpinned_watched_no_service", "unpinned_watched_service_auto"):
-        w, base_u = tps(label, 8), tps("unpinned_unwatched", 8)
-        if w and base_u:
-            ratios[f"{label}_c8"] = round(w / base_u, 3)
-    for label in ("watched_no_service", "watched_service_auto", "watched_service_notify"):
-        for c in (1, 8):
-            base = [x for x in (tps("unwatched", c), tps("unwatched_again", c)) if x]
-            w = tps(label, c)
-            if base and w:
-                ratios[f"{label}_c{c}"] = round(w / (sum(base) / len(base)), 3)
+    for op, per in out["runs"].items():
+        for design in WRITER_DESIGNS[1:]:
+            pairs = [w.get("tps") / p["tps"] for w, p in zip(per.get(design, []), per.get("plain", []), strict=False)
+                     if w.get("tps") and p.get("tps")]
+            ratios[f"{op}_{design}"] = spread(pairs)
+    for design in WRITER_DESIGNS[1:]:
+        pairs = [w / p for w, p in zip(out["bulk_ms"].get(design, []), out["bulk_ms"].get("plain", []), strict=False)
+                 if p]
+        ratios[f"bulk_cost_{design}"] = spread(pairs)
     out["ratio_vs_unwatched"] = ratios
+    out["targets"] = "insert and update tps ratio >= 0.70; bulk cost (watched ms / plain ms) <= 2.0"
     return out
 
 

@@ -404,15 +404,20 @@ BEGIN
     target := COALESCE(s.snap_target, pg_current_snapshot());
     prev_xip := ARRAY(SELECT pg_snapshot_xip(s.snap_prev));
     prev_xmax := pg_snapshot_xmax(s.snap_prev);
+    -- The index scans start at the first candidate transaction: a scalar bound on xid. The
+    -- cut of a partial batch is a filter written so it cannot become the scan's start key
+    -- (a row comparison from ('0', 0) would walk the whole index every batch).
     WITH batch AS (
         SELECT b.xid, b.id, b.tbl, b.type FROM (
             (SELECT c.xid, c.id, c.tbl, c.type FROM realtime.changes c
-             WHERE c.xid = ANY (prev_xip) AND (c.xid, c.id) > (s.after_xid, s.after_id)
+             WHERE c.xid = ANY (prev_xip) AND c.xid >= s.after_xid
+               AND CASE WHEN c.xid = s.after_xid THEN c.id > s.after_id ELSE true END
                AND pg_visible_in_snapshot(c.xid, target)
              ORDER BY c.xid, c.id LIMIT batch_size)
             UNION ALL
             (SELECT c.xid, c.id, c.tbl, c.type FROM realtime.changes c
-             WHERE c.xid >= prev_xmax AND (c.xid, c.id) > (s.after_xid, s.after_id)
+             WHERE c.xid >= greatest(prev_xmax, s.after_xid)
+               AND CASE WHEN c.xid = s.after_xid THEN c.id > s.after_id ELSE true END
                AND pg_visible_in_snapshot(c.xid, target)
              ORDER BY c.xid, c.id LIMIT batch_size)
         ) b ORDER BY b.xid, b.id LIMIT batch_size
