@@ -6,7 +6,10 @@
 -- name: read_events
 -- The listener: events after $1 (at most $2) and the pruned watermark; one row even if none.
 -- An event is its position (realtime.events) joined to the change it numbers; the payload
--- is assembled here, as text (realtime.payload_v3).
+-- is assembled here, as text (realtime.payload_v3). The positions are cut first (a range of
+-- the primary key) and each change is then fetched by its (xid, id) index: OFFSET 0 keeps
+-- the lateral subquery from being flattened into a join the planner may run as a hash join
+-- over every retained change (a generic plan does not know how few positions follow $1).
 SELECT s.pruned_through, e.position, e.topics, e.type, e.tbl, e.payload, e.created_at
 FROM realtime.sequencer s
 LEFT JOIN LATERAL (
@@ -14,8 +17,11 @@ LEFT JOIN LATERAL (
            CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
            c.type, c.tbl, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload,
            extract(epoch FROM c.created_at)::float8 AS created_at
-    FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
-    WHERE p.position > $1 ORDER BY p.position LIMIT $2
+    FROM (SELECT position, xid, id FROM realtime.events
+          WHERE position > $1 ORDER BY position LIMIT $2) p
+    CROSS JOIN LATERAL (SELECT * FROM realtime.changes c
+                        WHERE c.xid = p.xid AND c.id = p.id OFFSET 0) c
+    ORDER BY p.position
 ) e ON true
 WHERE s.id = 1
 
@@ -28,8 +34,11 @@ LEFT JOIN LATERAL (
            CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
            c.type, c.tbl, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload,
            extract(epoch FROM c.created_at)::float8 AS created_at
-    FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
-    WHERE p.position > $1 AND p.position <= $2 ORDER BY p.position LIMIT $3
+    FROM (SELECT position, xid, id FROM realtime.events
+          WHERE position > $1 AND position <= $2 ORDER BY position LIMIT $3) p
+    CROSS JOIN LATERAL (SELECT * FROM realtime.changes c
+                        WHERE c.xid = p.xid AND c.id = p.id OFFSET 0) c
+    ORDER BY p.position
 ) e ON true
 WHERE s.id = 1
 
@@ -42,7 +51,9 @@ SELECT last_position, pruned_through FROM realtime.sequencer WHERE id = 1
 SELECT p.position,
        CASE WHEN c.old_topic IS NULL THEN ARRAY[c.topic] ELSE ARRAY[c.topic, c.old_topic] END AS topics,
        c.type, realtime.payload_v3(c.op, c.tbl, c.topic, c.data, c.old, c.created_at) AS payload
-FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
+FROM realtime.events p
+CROSS JOIN LATERAL (SELECT * FROM realtime.changes c
+                    WHERE c.xid = p.xid AND c.id = p.id OFFSET 0) c
 WHERE p.position = $1
 
 -- name: register_reader
@@ -79,5 +90,5 @@ SELECT realtime.prune_retained(make_interval(secs => $1))
 SELECT pg_notification_queue_usage() AS usage,
        (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,
        (SELECT extract(epoch FROM clock_timestamp() - c.created_at)
-        FROM realtime.events p JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id
-        ORDER BY p.position LIMIT 1) AS age
+        FROM (SELECT xid, id FROM realtime.events ORDER BY position LIMIT 1) p
+        JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id) AS age
