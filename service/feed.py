@@ -318,12 +318,13 @@ class Listener:
                 metrics.FEED_GAPS.inc()
                 self.cursor = pruned_through
                 self.hub.gap(pruned_through)
-            rows = [row for row in rows if row["position"] is not None]
-            if not rows:
+            if rows[0]["position"] is None:  # the one row of the LEFT JOIN: no events
                 self._advance_head(self.cursor)
                 break
-            if any(row["tbl"] is not None and row["tbl"] not in self.decoder.key_columns
-                   and len(row["payload"]) > self.settings.max_event_bytes for row in rows):
+            limit = self.settings.max_event_bytes
+            known = self.decoder.key_columns
+            if any(len(row["payload"]) > limit and row["tbl"] is not None and row["tbl"] not in known
+                   for row in rows):
                 await self.decoder.load_keys(conn)
             events = [self.decoder.decode(row) for row in rows]
             self.cursor = events[-1].position

@@ -39,7 +39,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from starlette.types import Send
@@ -104,6 +104,32 @@ def _safe_data(data: bytes) -> bytes:
     return data
 
 
+# topics -> (prefix, index) pairs and what they add to an event's accounted size. Events of
+# one table mostly share their topics, so the prefixes are worked out once per topic set.
+_KEYS_CACHE: dict[tuple[str, ...], tuple[tuple[tuple[str, int], ...], int]] = {}
+_KEYS_CACHE_LIMIT = 65_536
+# sys.getsizeof(b"") (bytes objects are this much plus their length) and the rest of an
+# Event (its slots, the topics tuple) as the replay window accounts it.
+_BYTES_OVERHEAD = sys.getsizeof(b"")
+_EVENT_OVERHEAD = 3 * _BYTES_OVERHEAD + 200
+
+
+def _keys(topics: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
+    found = _KEYS_CACHE.get(topics)
+    if found is None:
+        keys: dict[str, int] = {}
+        for index, topic in enumerate(topics):
+            for key in prefixes(topic):
+                keys.setdefault(key, index)
+        size = (sum(sys.getsizeof(k) + 72 for k in keys)
+                + sum(sys.getsizeof(t) for t in topics))
+        found = (tuple(keys.items()), size)
+        if len(_KEYS_CACHE) >= _KEYS_CACHE_LIMIT:
+            _KEYS_CACHE.clear()  # key topics (one per row key) can be unbounded
+        _KEYS_CACHE[topics] = found
+    return found
+
+
 @dataclass(slots=True)
 class Event:
     position: int
@@ -117,7 +143,7 @@ class Event:
     data: bytes
     size: int = 0
     chunk: bytes = b""   # ``frame`` as an HTTP chunk, for streams written directly
-    _enveloped: list[bytes | None] = field(default_factory=list)
+    _enveloped: list[bytes | None] | None = None
 
     @classmethod
     def build(
@@ -127,23 +153,17 @@ class Event:
         topics = tuple(topics)
         data = _safe_data(data)
         frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (position, _safe_field(type_), data)
-        keys: dict[str, int] = {}
-        for index, topic in enumerate(topics):
-            for key in prefixes(topic):
-                keys.setdefault(key, index)
-        event = cls(position, topics, type_, frame, created_at, table, tuple(keys.items()), data)
-        event.chunk = http_chunk(frame)
+        keys, keys_size = _keys(topics)
+        chunk = http_chunk(frame)
         # What the replay window really holds for this event, not just its frame.
-        event.size = (sys.getsizeof(frame) + sys.getsizeof(event.chunk) + sys.getsizeof(data) + 200
-                      + sum(sys.getsizeof(k) + 72 for k in keys)
-                      + sum(sys.getsizeof(t) for t in topics))
-        return event
+        size = len(frame) + len(chunk) + len(data) + _EVENT_OVERHEAD + keys_size
+        return cls(position, topics, type_, frame, created_at, table, keys, data, size, chunk)
 
     def enveloped(self, index: int) -> bytes:
         """The frame with ``data: {"topic": T, "data": D}`` (``envelope=1``), made once."""
         cache = self._enveloped
-        if not cache:
-            cache.extend([None] * len(self.topics))
+        if cache is None:
+            cache = self._enveloped = [None] * len(self.topics)
         frame = cache[index]
         if frame is None:
             frame = b'id: %d\nevent: %s\ndata: {"topic":%s,"data":%s}\n\n' % (
