@@ -272,8 +272,10 @@ class Listener:
                     backoff.reset()
                     self.started.set()
                     while not stop.is_set():
-                        await self.catch_up(conn)
+                        # Cleared before reading, never after: a NOTIFY that lands while a
+                        # read is in flight (too late for its snapshot) must wake the next.
                         self._wake.clear()
+                        await self.catch_up(conn)
                         await pause(stop, SAFETY_POLL_SECONDS, self._wake)
                         if conn.is_closed():
                             raise asyncpg.InterfaceError("feed connection closed")
@@ -388,6 +390,9 @@ class Sequencer:
         next_prune = time.monotonic() + 5.0
         idle_since: float | None = None
         while not stop.is_set():
+            # Cleared before numbering, never after: a writer's NOTIFY that lands while a
+            # batch is numbered (too late for its snapshot) must wake the next one.
+            self._wake.clear()
             moved = await conn.fetchval(query("sequence"), BATCH)
             now = time.monotonic()
             if moved:
@@ -419,7 +424,6 @@ class Sequencer:
                     await pause(stop, wait)
                     continue
             # Writers wake us: wait for a NOTIFY, with a short safety poll.
-            self._wake.clear()
             await pause(stop, IDLE_POLL_SECONDS if mode == "auto" else SAFETY_POLL_SECONDS,
                         self._wake)
 

@@ -3,6 +3,7 @@ real pgsse: live updates, the invalidation map, pause when hidden, offline, no c
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,12 +56,24 @@ async def wait_until(predicate: Callable[[], Any], page: Any, timeout: float, wh
         await page.wait_for_timeout(50)
 
 
+async def settled(server: Any, conn: asyncpg.Connection) -> None:
+    """The demo's own changes (its products, at install) have reached the service, so what
+    the page sees next is the test's doing alone."""
+    head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+    deadline = time.monotonic() + 10
+    while head == 0 or httpx.get(server.url + "/stats", timeout=5).json()["position"] < head:
+        assert time.monotonic() < deadline, "the demo's install events never arrived"
+        await asyncio.sleep(0.05)
+        head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+
+
 async def test_dashboard_live_map_and_export(start_server: Start, conn: asyncpg.Connection, tmp_path: Any) -> None:
     from tests.tools import require_tool
 
     require_tool("chromium")
     playwright_api = pytest.importorskip("playwright.async_api")
     server = start_server({"DEMO": "1", "DEMO_RATE": "0.0001"})
+    await settled(server, conn)
     async with playwright_api.async_playwright() as p:
         browser = await launch(playwright_api, p)
         try:
