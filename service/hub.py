@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import json
 import random
@@ -104,30 +105,22 @@ def _safe_data(data: bytes) -> bytes:
     return data
 
 
-# topics -> (prefix, index) pairs and what they add to an event's accounted size. Events of
-# one table mostly share their topics, so the prefixes are worked out once per topic set.
-_KEYS_CACHE: dict[tuple[str, ...], tuple[tuple[tuple[str, int], ...], int]] = {}
-_KEYS_CACHE_LIMIT = 65_536
 # sys.getsizeof(b"") (bytes objects are this much plus their length) and the rest of an
 # Event (its slots, the topics tuple) as the replay window accounts it.
 _BYTES_OVERHEAD = sys.getsizeof(b"")
 _EVENT_OVERHEAD = 3 * _BYTES_OVERHEAD + 200
 
 
+@functools.lru_cache(maxsize=65_536)  # key topics (one per row key) can be unbounded
 def _keys(topics: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
-    found = _KEYS_CACHE.get(topics)
-    if found is None:
-        keys: dict[str, int] = {}
-        for index, topic in enumerate(topics):
-            for key in prefixes(topic):
-                keys.setdefault(key, index)
-        size = (sum(sys.getsizeof(k) + 72 for k in keys)
-                + sum(sys.getsizeof(t) for t in topics))
-        found = (tuple(keys.items()), size)
-        if len(_KEYS_CACHE) >= _KEYS_CACHE_LIMIT:
-            _KEYS_CACHE.clear()  # key topics (one per row key) can be unbounded
-        _KEYS_CACHE[topics] = found
-    return found
+    """An event's (prefix, topic index) pairs and what they add to its accounted size.
+    Events of one table mostly share their topics, so this is worked out once per set."""
+    keys: dict[str, int] = {}
+    for index, topic in enumerate(topics):
+        for key in prefixes(topic):
+            keys.setdefault(key, index)
+    size = sum(sys.getsizeof(k) + 72 for k in keys) + sum(sys.getsizeof(t) for t in topics)
+    return tuple(keys.items()), size
 
 
 @dataclass(slots=True)

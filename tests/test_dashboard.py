@@ -3,7 +3,6 @@ real pgsse: live updates, the invalidation map, pause when hidden, offline, no c
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -13,6 +12,8 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import httpx
 import pytest
+
+from tests.support import eventually, stats
 
 Start = Callable[..., Any]
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -59,12 +60,10 @@ async def wait_until(predicate: Callable[[], Any], page: Any, timeout: float, wh
 async def settled(server: Any, conn: asyncpg.Connection) -> None:
     """The demo's own changes (its products, at install) have reached the service, so what
     the page sees next is the test's doing alone."""
-    head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
-    deadline = time.monotonic() + 10
-    while head == 0 or httpx.get(server.url + "/stats", timeout=5).json()["position"] < head:
-        assert time.monotonic() < deadline, "the demo's install events never arrived"
-        await asyncio.sleep(0.05)
+    async def arrived() -> bool:
         head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+        return bool(head) and stats(server)["position"] >= head
+    await eventually(arrived, what="the demo's install events at the service")
 
 
 async def test_dashboard_live_map_and_export(start_server: Start, conn: asyncpg.Connection, tmp_path: Any) -> None:

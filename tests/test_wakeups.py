@@ -22,14 +22,9 @@ from pgsse.hub import Hub
 from pgsse.queries import query
 from pgsse.settings import Settings
 
+from tests.support import eventually
+
 LONG_POLL = 60.0
-
-
-async def wait_for(predicate: Any, seconds: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
 
 
 async def test_a_notify_during_the_listeners_read_is_not_lost(
@@ -50,9 +45,7 @@ async def test_a_notify_during_the_listeners_read_is_not_lost(
             await conn.execute("SELECT realtime.publish('orders/1', 'x', '{}')")
             await conn.fetchval(query("sequence"), 100)
             head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
-            async with asyncio.timeout(5):
-                while listener.head < head:  # its NOTIFY (the new head) has arrived
-                    await asyncio.sleep(0.005)
+            await eventually(lambda: listener.head >= head, 5, 0.005, "its NOTIFY (the new head)")
 
     monkeypatch.setattr(listener, "catch_up", catch_up)
     stop = asyncio.Event()
@@ -62,10 +55,8 @@ async def test_a_notify_during_the_listeners_read_is_not_lost(
         # The second read: after the listener has gone round once.
         await conn.execute("SELECT realtime.publish('orders/1', 'x', '{}')")
         await conn.fetchval(query("sequence"), 100)
-
-        async def delivered() -> bool:
-            return hub.position >= 2
-        await wait_for(delivered, 10, "the event whose NOTIFY came during a read waited a poll")
+        await eventually(lambda: hub.position >= 2,
+                         what="the event whose NOTIFY came during a read, without waiting a poll")
         assert reads >= 3
     finally:
         stop.set()
@@ -109,16 +100,16 @@ async def test_a_writers_notify_while_the_sequencer_numbers_is_not_lost(
         async def fetchval(self, sql: str, *args: Any) -> Any:
             nonlocal batches, fired
             result = await self.real.fetchval(sql, *args)
-            batches += sql == query("sequence")
-            if sql == query("sequence") and armed and not fired:
+            if sql != query("sequence"):
+                return result
+            batches += 1
+            if armed and not fired:
                 fired = True
                 # Committed after this batch's snapshot: the writer sees the flag and
                 # sends its wake-up, which arrives before the sequencer waits.
                 before = wakeups
                 await writer.execute("SELECT realtime.publish('orders/1', 'x', '{}')")
-                async with asyncio.timeout(5):
-                    while wakeups == before:  # the writer's NOTIFY has arrived
-                        await asyncio.sleep(0.005)
+                await eventually(lambda: wakeups > before, 5, 0.005, "the writer's NOTIFY")
             return result
 
     real_dedicated = feed.dedicated
@@ -133,9 +124,8 @@ async def test_a_writers_notify_while_the_sequencer_numbers_is_not_lost(
     stop = asyncio.Event()
     task = asyncio.create_task(sequencer.run(stop))
     try:
-        async def numbered() -> bool:
-            return bool(await conn.fetchval("SELECT last_position >= 1 FROM realtime.sequencer"))
-        await wait_for(numbered, 10, "the change whose wake-up came during a batch waited a poll")
+        await eventually(lambda: conn.fetchval("SELECT last_position >= 1 FROM realtime.sequencer"),
+                         what="the change whose wake-up came during a batch, without waiting a poll")
         assert fired
     finally:
         stop.set()
