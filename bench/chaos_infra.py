@@ -1,7 +1,7 @@
 """Chaos suite infrastructure: PostgreSQL, the service under test, SSE clients, the loss check.
 
 Everything here talks to the service only through its public contract: HTTP on 127.0.0.1,
-the SQL functions ``realtime.publish/prune/watch`` and the ``realtime.events`` /
+the SQL functions ``realtime.publish/prune/watch``, the ``realtime.events`` / ``realtime.changes`` /
 ``realtime.sequencer`` tables, ``/stats``, ``/metrics`` and ``/readyz``.
 
 The service logs in as its own role (``pgsse_chaos``, not a superuser: a superuser ignores
@@ -624,12 +624,17 @@ def check(items: list[tuple[Any, ...]], truth: list[tuple[int, tuple[int, int]]]
     return tally
 
 
+# Retained events published on exactly the topic $1 (realtime.publish keeps its data as the
+# change's data): each position (realtime.events) joined to the change it numbers.
+EVENTS_ON_TOPIC = ("realtime.events e JOIN realtime.changes c ON c.xid = e.xid AND c.id = e.id "
+                   "WHERE c.topic = $1 AND c.old_topic IS NULL")
+
+
 async def truth_of(conn: asyncpg.Connection, topic: str) -> list[tuple[int, tuple[int, int]]]:
     """What was committed on ``topic`` (still retained), in position order."""
     rows = await conn.fetch(
-        "SELECT position, coalesce((payload->>'w')::int, 0) AS w, (payload->>'n')::int AS n "
-        "FROM realtime.events WHERE topics = ARRAY[$1] AND type <> 'chaos.end' "
-        "ORDER BY position", topic)
+        "SELECT e.position, coalesce((c.data->>'w')::int, 0) AS w, (c.data->>'n')::int AS n "
+        f"FROM {EVENTS_ON_TOPIC} AND e.type <> 'chaos.end' ORDER BY e.position", topic)
     return [(r["position"], (r["w"], r["n"])) for r in rows]
 
 
@@ -659,8 +664,7 @@ async def publish_end(conn: asyncpg.Connection, topic: str,
 
     async def sequenced() -> int | None:
         value: int | None = await conn.fetchval(
-            "SELECT max(position) FROM realtime.events WHERE topics = ARRAY[$1] "
-            "AND type = 'chaos.end'", topic)
+            f"SELECT max(e.position) FROM {EVENTS_ON_TOPIC} AND e.type = 'chaos.end'", topic)
         return value
     position: int | None = await wait_until(sequenced, 30, 0.02)
     if position is not None:
