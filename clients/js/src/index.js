@@ -61,7 +61,7 @@ export class PgsseClient {
     this._hiddenTimer = null;
     this._denied = new Set();
     this._authFailures = 0;
-    this._token = undefined;
+    this._grant = undefined;
     this._paused = false;
     this._offline = false;
     this._closed = false;
@@ -204,8 +204,11 @@ export class PgsseClient {
         return;
       }
       if (gen !== this._gen) return;
-      if (token !== this._token) this._denied.clear();
-      this._token = token;
+      // Refused topics are asked for again only under a new grant, not merely a new token
+      // (a getToken that mints on every call would otherwise loop on the same 403).
+      const grant = grantOf(token);
+      if (grant !== this._grant) this._denied.clear();
+      this._grant = grant;
     }
     const topics = this.topics;
     if (topics.length === 0) {
@@ -472,6 +475,18 @@ export class PgsseClient {
     if (this._closed || this._paused || this._offline) return;
     if (this.topics.length === 0) return this._setStatus("idle");
     this._connect();
+  }
+}
+
+/** What a token grants: a JWT's `topics` claim (as JSON), else the token itself. */
+function grantOf(token) {
+  const payload = typeof token === "string" ? token.split(".")[1] : undefined;
+  if (payload === undefined) return token;
+  try {
+    const bytes = Uint8Array.from(atob(payload.replace(/-/g, "+").replace(/_/g, "/")), (c) => c.charCodeAt(0));
+    return JSON.stringify(JSON.parse(new TextDecoder().decode(bytes))?.topics ?? null);
+  } catch {
+    return token;
   }
 }
 
