@@ -15,7 +15,15 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import SseStream, eventually, metric, open_stream, read_sse, read_sse_resuming
+from tests.support import (
+    SseStream,
+    eventually,
+    metric,
+    open_stream,
+    read_sse,
+    read_sse_resuming,
+    stats,
+)
 
 Start = Callable[..., Any]
 
@@ -235,12 +243,16 @@ async def test_resume_after_disconnect_no_gap_no_duplicate(start_server: Start, 
     server = start_server({"REPLAY_MEMORY_BYTES": memory})
     start = await head(conn)
     await publish(conn, "resume/x", 50)
+    # Both connections must find their events already sequenced and read, so that each is
+    # a resumption (counted below) rather than a plain live subscription.
+    await eventually(lambda: stats(server)["position"] >= start + 50, what="first 50 read")
     first = await read_sse(server.url + "/events", timeout=10,
                            params={"topic": "resume", "last_event_id": str(start)},
                            until=lambda s: len(s.events) >= 20)
     assert len(first.events) >= 20
     await publish(conn, "resume/x", 50, start=50)
     await publish(conn, "other", 10)
+    await eventually(lambda: stats(server)["position"] >= start + 110, what="all 110 read")
     # A browser reconnects with the Last-Event-ID header; an empty query value is ignored.
     second = await read_sse(server.url + "/events", timeout=10,
                             params={"topic": "resume", "last_event_id": ""},

@@ -109,6 +109,9 @@ async def test_a_resume_lands_on_either_worker_without_a_gap(start_two: Start,
     await publish(conn, "again", 30)
     end = await wait_head(conn, start + 30)
     assert end == start + 30
+    # Each worker must have read them, or a resume finds nothing to replay and goes live.
+    await eventually(lambda: all(w["position"] >= end for w in per_worker(server).values()),
+                     timeout=10, interval=0.05, what="both workers at the head")
     rng = random.Random(7)
     for _ in range(16):  # 16 fresh connections: both workers serve resumes (p ≈ 1 - 2^-15)
         after = start + rng.randrange(0, 30)
