@@ -315,29 +315,33 @@ class EventStream:
         """Write everything after ``sub.cursor`` up to the hub's position, then go live."""
         hub = self.hub
         source = ""
-        while sub.state is not SubState.CLOSED:
-            target = hub.position
-            if sub.cursor >= target:
-                sub.go_live(send, direct)  # no await since reading ``target``
-                if source:
-                    metrics.REPLAYS.labels(source).inc()
-                return
-            got = hub.read_recent(sub.cursor, target, sub, sub.chunk_bytes)
-            if got is not None:
-                frames, upto = got
-                source = source or "memory"
-            else:
-                source = "history"
-                read = await self.history.read(sub, sub.cursor, target)
-                if read.pruned:
-                    await self._reset(sub, send, "history_expired")
-                    continue
-                frames, upto = read.frames, read.upto
-            if frames and not await self._write(sub, send, b"".join(frames)):
-                return
-            metrics.EVENTS_DELIVERED.inc(len(frames))
-            if not sub.closed:
-                sub.cursor = upto
+        try:
+            while sub.state is not SubState.CLOSED:
+                target = hub.position
+                if sub.cursor >= target:
+                    sub.go_live(send, direct)  # no await since reading ``target``
+                    return
+                got = hub.read_recent(sub.cursor, target, sub, sub.chunk_bytes)
+                if got is not None:
+                    frames, upto = got
+                    source = source or "memory"
+                else:
+                    source = "history"
+                    read = await self.history.read(sub, sub.cursor, target)
+                    if read.pruned:
+                        await self._reset(sub, send, "history_expired")
+                        continue
+                    frames, upto = read.frames, read.upto
+                if frames and not await self._write(sub, send, b"".join(frames)):
+                    return
+                metrics.EVENTS_DELIVERED.inc(len(frames))
+                if not sub.closed:
+                    sub.cursor = upto
+        finally:
+            # Counted once served, whether the stream then goes live or its client has
+            # already left with everything it asked for.
+            if source:
+                metrics.REPLAYS.labels(source).inc()
 
 
 class EventLookup:

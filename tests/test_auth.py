@@ -175,7 +175,7 @@ async def test_expiring_token_ends_stream_and_resume_loses_nothing(
     start = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
     task = await open_stream(
         secured.url + "/events", params={"topic": "exp"}, timeout=10,
-        headers={"Authorization": f"Bearer {token(['exp'], ttl=2)}", "Last-Event-ID": str(start)})
+        headers={"Authorization": f"Bearer {token(['exp'], ttl=3)}", "Last-Event-ID": str(start)})
     for i in range(3):
         await conn.execute("SELECT realtime.publish('exp', 'n', jsonb_build_object('i', $1::int))", i)
     first = await task

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from typing import Any
 
 import asyncpg
@@ -171,7 +172,11 @@ async def test_concurrent_writers_and_sequencer_never_skip(database: str) -> Non
 
     tasks = [asyncio.create_task(sequencer()), asyncio.create_task(reader())]
     counts = await asyncio.gather(*(writer(n) for n in range(4)))
-    await asyncio.sleep(0.2)
+    # The sequencer numbers what the writers left behind before it is stopped.
+    deadline = time.monotonic() + 10
+    while await pool.fetchval("SELECT last_position FROM realtime.sequencer") < sum(counts):
+        assert time.monotonic() < deadline, "the sequencer did not catch up"
+        await asyncio.sleep(0.01)
     stop.set()
     await asyncio.gather(*tasks)
     await pool.close()

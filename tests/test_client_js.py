@@ -265,7 +265,7 @@ async def test_live_five_subscriptions_one_connection(server: Any, conn: asyncpg
     client.wait(lambda r: client.status() == "open", 10, "open")
     await publish(conn, "orders/1", "order.placed", {"n": 1})
     await publish(conn, "orders/2", "order.placed", {"n": 2})
-    client.wait(lambda r: len(client.events()) >= 4, 10, "events")
+    client.wait(lambda r: len(client.events()) >= 5, 10, "events")
     stats = httpx.get(server.url + "/stats", timeout=5).json()
     assert stats["clients"] == 1
     by_sub = sorted((e["sub"], e["data"]["n"]) for e in client.events())
@@ -367,8 +367,13 @@ async def test_live_nginx_502_backoff_and_recovery(database: str, conn: asyncpg.
         returned = time.monotonic()
         upstream = ServerProcess(database, env, tmp_path, port=upstream.port).start()
         ready = time.monotonic()
-        client.wait(lambda r: client.status() == "open", (backoff["maxMs"] + 1000) / 1000 + (ready - returned),
-                    "back within maxMs + 1 s")
+        client.wait(lambda r: client.status() == "open", 15, "open again")
+        back = time.monotonic()
+        # Back within maxMs + 1 s of the upstream being ready. An attempt that reached it while
+        # it was starting got 200 + retry: 1000-5000 (not ready yet), a floor for the next delay.
+        floors = [x["floorMs"] for x in client.snapshot("status") if x["status"] == "backoff"]
+        allowed = (max(backoff["maxMs"], floors[-1] if floors else 0) + 1000) / 1000
+        assert back - ready <= allowed + (ready - returned), (back - ready, floors[-3:])
         await publish(conn, "via", "hello", {"through": "nginx"})
         client.wait(lambda r: client.events("hello"), 10, "events flow again")
     finally:

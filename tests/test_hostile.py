@@ -146,7 +146,7 @@ async def test_edge_positions_resume_or_reset(hostile_server: ServerProcess) -> 
     assert beyond.events[0].json() == {"reason": "unknown_position"}
     for absent in ({"Last-Event-ID": ""}, {}):  # an empty value counts as absent
         stream = await read_sse(hostile_server.url + "/events", params={"topic": "a", "last_event_id": ""},
-                                headers={**auth, **absent}, timeout=1)
+                                headers={**auth, **absent}, timeout=3)
         assert stream.status == 200 and stream.retries and not stream.events
 
 
@@ -228,4 +228,7 @@ def test_schemathesis_against_openapi(hostile_server: ServerProcess) -> None:
     output = result.stdout[-4000:] + result.stderr[-2000:]
     assert result.returncode == 0, output
     tested = json.dumps(output)
-    assert "passed" in tested and "Authentication failed" not in tested, output
+    # The token gets past authentication everywhere (no operation answers only 401). A 403
+    # is right where a generated store_id is not the token's store (a claim-bound parameter),
+    # and random generation can miss store 1 for an operation altogether.
+    assert "passed" in tested and "401 Unauthorized" not in tested, output

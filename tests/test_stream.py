@@ -282,6 +282,8 @@ async def test_resume_across_service_restart(start_server: Start, conn: asyncpg.
 async def test_reset_when_history_expired_or_position_unknown(server: Any, conn: asyncpg.Connection) -> None:
     await publish(conn, "old", 5)
     now = await wait_head(conn, 5)
+    # A reset starts over from what the service has read: let it read up to the head first.
+    await eventually(lambda: stats(server)["position"] >= now, what="the service at the head")
     await conn.execute("SELECT realtime.prune('0 seconds')")
     expired = await read_sse(server.url + "/events", params={"topic": "old", "last_event_id": "1"},
                              until=lambda s: len(s.events) >= 1, timeout=5)

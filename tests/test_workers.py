@@ -23,7 +23,7 @@ import pytest
 from pgsse.settings import ConfigError, Settings, usable_cores
 
 from tests import test_stream
-from tests.support import ServerProcess, eventually, free_port, open_stream, read_sse
+from tests.support import ServerProcess, eventually, free_port, metric, open_stream, read_sse
 from tests.test_stream import head, publish, wait_head
 from tests.tools import require_tool
 
@@ -35,9 +35,21 @@ TWO = {"WORKERS": "2"}
 def start_two(start_server: Start) -> Start:
     """``start_server`` with ``WORKERS=2``."""
     def start(env: dict[str, str] | None = None, **kwargs: Any) -> ServerProcess:
-        return start_server({**TWO, **(env or {})}, **kwargs)  # type: ignore[no-any-return]
+        server: ServerProcess = start_server({**TWO, **(env or {})}, **kwargs)
+        both_live(server)
+        return server
 
     return start
+
+
+def both_live(server: ServerProcess, timeout: float = 30) -> None:
+    """Wait until both workers read the feed. ``/readyz`` is answered by whichever worker a
+    connection reaches, and a worker serves HTTP before its listener is up: until then its
+    ``/events`` answers ``retry:`` and closes."""
+    deadline = time.monotonic() + timeout
+    while metric(server, "pgsse_feed_up") != 2:
+        assert time.monotonic() < deadline, "both workers did not come up"
+        time.sleep(0.05)
 
 
 def per_worker(server: ServerProcess, workers: int = 2, timeout: float = 10) -> dict[int, Any]:
@@ -162,6 +174,7 @@ async def test_a_worker_that_dies_is_started_again(start_two: Start,
 
     await eventually(replaced, timeout=30, interval=0.2, what="worker 0 started again")
     await asyncio.to_thread(server.wait_ready, 30)
+    await asyncio.to_thread(both_live, server)
     # Both serve streams again: events reach clients on the new worker too.
     start = await head(conn)
     tasks = [await open_stream(server.url + "/events", params={"topic": "back"}, timeout=20,
