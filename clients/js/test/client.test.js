@@ -219,50 +219,48 @@ const grants = (req) => {
   return JSON.parse(Buffer.from(token.split(".")[1] || "", "base64url").toString() || "{}").topics || [];
 };
 
-test("a fresh token for the same grant does not ask for refused topics again", async (t) => {
-  let live;
+/** A server that answers 403 (naming them) for topics the request's token does not grant;
+ * `streams.live` is the last stream it opened. */
+async function grantingServer(t) {
+  const streams = { live: undefined };
   const server = await sseServer((req, res, n, entry) => {
-    if (entry.topics.some((topic) => !grants(req).includes(topic))) {
+    const refused = entry.topics.filter((topic) => !grants(req).includes(topic));
+    if (refused.length > 0) {
       res.writeHead(403, { "Content-Type": "application/json" });
-      res.end(JSON.stringify({ error: { code: "forbidden", message: "not granted", topics: ["secret"] } }));
+      res.end(JSON.stringify({ error: { code: "forbidden", message: "not granted", topics: refused } }));
       return;
     }
     beginStream(res);
-    live = res;
+    streams.live = res;
   });
   t.after(() => server.close());
+  return { server, streams };
+}
+
+test("a fresh token for the same grant does not ask for refused topics again", async (t) => {
+  const { server, streams } = await grantingServer(t);
   let minted = 0; // every call mints a new token (its exp moves), granting the same topics
   const rt = createClient({ url: server.url, getToken: async () => jwtFor({ topics: ["public"], exp: 2e9 + ++minted }) });
   t.after(() => rt.close());
   const errors = [];
   rt.subscribe(["public"], () => {});
   rt.subscribe(["secret"], () => {}, { onError: (e) => errors.push(e.topics) });
-  await until(() => live, 3000, "stream without the denied topic");
+  await until(() => streams.live, 3000, "stream without the denied topic");
   await new Promise((resolve) => setTimeout(resolve, 100));
   assert.deepEqual(errors, [["secret"]], "one 403, reported once");
   assert.deepEqual(server.requests.map((r) => r.topics), [["public", "secret"], ["public"]]);
 });
 
 test("a token with a new grant asks for refused topics again", async (t) => {
-  let live;
-  const server = await sseServer((req, res, n, entry) => {
-    if (entry.topics.some((topic) => !grants(req).includes(topic))) {
-      res.writeHead(403, { "Content-Type": "application/json" });
-      res.end(JSON.stringify({ error: { code: "forbidden", message: "not granted", topics: ["secret"] } }));
-      return;
-    }
-    beginStream(res);
-    live = res;
-  });
-  t.after(() => server.close());
+  const { server, streams } = await grantingServer(t);
   let topics = ["public"];
   const rt = createClient({ url: server.url, getToken: async () => jwtFor({ topics }) });
   t.after(() => rt.close());
   rt.subscribe(["public", "secret"], () => {});
-  await until(() => live, 3000, "stream without the denied topic");
+  await until(() => streams.live, 3000, "stream without the denied topic");
   assert.deepEqual(server.requests.at(-1).topics, ["public"]);
   topics = ["public", "secret"]; // the app's next token grants more
-  live.end(); // the stream ends (e.g. STREAM_MAX_SECONDS); the client reconnects
+  streams.live.end(); // the stream ends (e.g. STREAM_MAX_SECONDS); the client reconnects
   await until(() => server.requests.length === 3, 3000, "reconnect");
   assert.deepEqual(server.requests[2].topics, ["public", "secret"]);
 });
