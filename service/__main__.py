@@ -184,6 +184,13 @@ def token(args: argparse.Namespace) -> None:
     print(mint(settings.auth_secret[0], topics, args.ttl, extra))
 
 
+def advise(args: argparse.Namespace) -> None:
+    from . import advise as advise_cli
+
+    settings = _settings()
+    raise SystemExit(advise_cli.run(args, settings, _database_url(settings)))
+
+
 def database(args: argparse.Namespace) -> None:
     settings = _settings()
     if args.stop:
@@ -225,6 +232,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="stream an aggregate as CSV or NDJSON from a running service")
     export_cli.add_arguments(p)
     p.set_defaults(func=export_cli.run)
+    p = sub.add_parser("advise", help="EXPLAIN every aggregate and suggest the indexes it lacks (exit 1 on findings)")
+    from . import advise as advise_cli
+
+    advise_cli.add_arguments(p)
+    p.set_defaults(func=advise)
     p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
     p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL instead")
     p.set_defaults(func=database)

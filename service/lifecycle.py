@@ -110,6 +110,10 @@ class Lifecycle:
                         "demo-writer")
         await self.listener.started.wait()
         await self.aggregates.start()  # a broken file names itself, its line and the problem
+        from . import advise  # a leaf: plain EXPLAINs, one warning per aggregate with findings
+
+        self._spawn(advise.startup_warnings(self.database.pool,
+                                            list(self.aggregates.items.values())), "advise")
         log.info("ready", extra={"event": "started", "position": self.hub.position})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
