@@ -6,7 +6,9 @@ client), creates a fresh database, and runs, each against pgsse and a baseline
 
 1. idle connections (RSS per connection), 2. fan-out 1 event → N clients (server CPU per
 delivery, p50/p99), 3. commit → client latency at 200 tx/s, 4. aggregate requests/s and
-queries per change, 5. writer cost (pgbench, watched vs unwatched table).
+queries per change, 5. writer cost (pgbench, watched vs unwatched table), 6. dashboards: N dashboards of five
+aggregates polling every 5 s (against a backend that queries per request) vs on pgsse, database
+statements/s and CPU, HTTP requests and bytes, staleness (``bench/dashboards.py``).
 
 Streams run against pgsse with WORKERS=1 and WORKERS=2, nginx + nchan (Debian ``nginx`` +
 ``libnginx-mod-nchan``; skipped with the reason when missing) and the tutorial baseline;
@@ -30,10 +32,10 @@ import time
 import traceback
 from typing import Any
 
-from . import infra, report, scenarios
+from . import dashboards, infra, report, scenarios
 from .loadclient import install_uvloop
 
-ALL = ("streams", "aggregates", "writer")
+ALL = ("streams", "aggregates", "writer", "dashboards")
 
 
 def log(msg: str) -> None:
@@ -144,6 +146,14 @@ async def run(args: argparse.Namespace) -> int:
                 out["scenarios"]["writer"] = {"error": repr(exc),
                                               "trace": traceback.format_exc()[-2000:]}
                 log(f"  writer failed: {exc!r}")
+        if "dashboards" in only:
+            log("dashboards: polling every 5 s vs pgsse (database cost and staleness)")
+            try:
+                out["scenarios"]["dashboards"] = await dashboards.suite(pg, url, plan.quick, log)
+            except Exception as exc:
+                out["scenarios"]["dashboards"] = {"error": repr(exc),
+                                                  "trace": traceback.format_exc()[-2000:]}
+                log(f"  dashboards failed: {exc!r}")
     finally:
         meta["runtime_s"] = round(time.monotonic() - started, 1)
         await asyncio.to_thread(pg.stop)
@@ -152,6 +162,14 @@ async def run(args: argparse.Namespace) -> int:
         out["plots"] = report.plots(out, infra.RESULTS)
     except Exception as exc:  # a plot must not lose the figures
         out["plots"] = {"error": repr(exc)}
+    board = out["scenarios"].get("dashboards")
+    if isinstance(board, dict) and board.get("cases"):
+        try:
+            out.setdefault("plots", {})["dashboards"] = dashboards.plot(
+                board, infra.RESULTS / "dashboards.png")
+        except Exception as exc:
+            out["plots"]["dashboards_error"] = repr(exc)
+        print(f"\ndashboards ({os.cpu_count()} cores):\n{dashboards.table(board)}")
     path = infra.RESULTS / "report.json"
     path.write_text(json.dumps(out, indent=2, default=str))
     print(report.table(out))
