@@ -165,10 +165,9 @@ async def run(args: argparse.Namespace) -> int:
     board = out["scenarios"].get("dashboards")
     if isinstance(board, dict) and board.get("cases"):
         try:
-            out.setdefault("plots", {})["dashboards"] = dashboards.plot(
-                board, infra.RESULTS / "dashboards.png")
-        except Exception as exc:
-            out["plots"]["dashboards_error"] = repr(exc)
+            board["plot"] = dashboards.plot(board, infra.RESULTS / "dashboards.png")
+        except Exception as exc:  # a plot must not lose the figures
+            board["plot"] = {"error": repr(exc)}
         print(f"\ndashboards ({os.cpu_count()} cores):\n{dashboards.table(board)}")
     path = infra.RESULTS / "report.json"
     path.write_text(json.dumps(out, indent=2, default=str))
