@@ -93,6 +93,10 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     app.router.redirect_slashes = False  # ours are relative: see ``not_found``
     app.stream_stack = _wrap(stream, middleware)
     app.aggregate_stack = _wrap(AggregateEndpoint(aggregates), middleware)
+    if settings.mercure:
+        from .mercure import DiscoveryLink
+
+        app.aggregate_stack = DiscoveryLink(app.aggregate_stack)
     app.lifecycle = lifecycle
     return app
 

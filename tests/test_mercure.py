@@ -173,6 +173,12 @@ async def test_publisher_rules_and_bad_input(hub: Any) -> None:
     assert r.status_code == 400 and r.json()["error"]["code"] == "reserved_topic"
 
 
+async def test_aggregates_advertise_the_hub(hub: Any) -> None:
+    r = httpx.get(hub.url + "/aggregates/event_types", timeout=10)
+    assert r.status_code == 200
+    assert r.headers["link"] == '</.well-known/mercure>; rel="mercure"'
+
+
 async def test_anonymous_off_needs_a_token(start_server: Any) -> None:
     server = start_server(env(MERCURE_ANONYMOUS="0"))
     r = httpx.get(server.url + HUB, params={"topic": "t"}, timeout=5)

@@ -30,7 +30,7 @@ from urllib.parse import parse_qsl
 import asyncpg
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..db import Database
 from ..errors import BadRequest, Forbidden, PgsseError, Unauthorized, Unavailable
@@ -254,3 +254,22 @@ def _single(fields: list[tuple[str, str]]) -> dict[str, str]:
 
 
 RenderHook = Callable[[Event], bytes]
+
+
+class DiscoveryLink:
+    """Mercure discovery: ``Link: </.well-known/mercure>; rel="mercure"`` on the wrapped
+    responses (the aggregates), relative so it holds behind any proxy or mount prefix."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        root = scope.get("root_path", "")
+        link = f'<{root}/.well-known/mercure>; rel="mercure"'.encode()
+
+        async def send_with_link(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"link", link)]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_link)
