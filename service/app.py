@@ -59,6 +59,7 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     health = Health(database, hub, listener, sequencer, aggregates, auth, lifecycle.started_at)
 
     routes = [
+        *mercure_routes(settings, database, stream),
         Route("/healthz", health.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", health.readyz, methods=["GET", "HEAD"]),
         Route("/metrics", health.metrics, methods=["GET"]),
@@ -92,8 +93,22 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     app.router.redirect_slashes = False  # ours are relative: see ``not_found``
     app.stream_stack = _wrap(stream, middleware)
     app.aggregate_stack = _wrap(AggregateEndpoint(aggregates), middleware)
+    if settings.mercure:
+        from .mercure import DiscoveryLink
+
+        app.aggregate_stack = DiscoveryLink(app.aggregate_stack)
     app.lifecycle = lifecycle
     return app
+
+
+def mercure_routes(settings: Settings, database: Database, stream: EventStream) -> list[Route]:
+    """``/.well-known/mercure`` when ``MERCURE=1``: an edge adapter over the stream."""
+    if not settings.mercure:
+        return []
+    from .mercure import Mercure
+
+    return [Route("/.well-known/mercure", Mercure(settings, database, stream),
+                  methods=["GET", "HEAD", "POST"])]
 
 
 class Dashboard:

@@ -36,10 +36,11 @@ import functools
 import itertools
 import json
 import random
+import re
 import sys
 import time
 from collections import deque
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -49,6 +50,8 @@ from . import metrics
 from .topics import covers, prefixes
 
 HEARTBEAT = b": keep-alive\n\n"
+# A line carrying an event's position: "id: 42" (pgsse's frames) or ": 42" (other formats).
+_POSITION_LINE = re.compile(rb"(?:^|\n)(?:id)?: (\d+)\n")
 DEFAULT_CHUNK = 64 * 1024
 
 
@@ -166,6 +169,8 @@ class Event:
         return frame
 
     def frame_for(self, sub: Subscription) -> bytes:
+        if sub.render is not None:
+            return sub.render(self)  # b"": not for this subscription
         if not sub.envelope:
             return self.frame
         for key, index in self.keys:
@@ -201,12 +206,13 @@ class Subscription:
     __slots__ = (
         "topics", "topic_set", "envelope", "cursor", "state", "reason", "send", "pending",
         "pending_bytes", "first_at", "last_write", "ends_at", "client_key", "mark", "wakeup",
-        "behind_since", "transients", "chunk_bytes", "direct",
+        "behind_since", "transients", "chunk_bytes", "direct", "render",
     )
 
     def __init__(self, topics: tuple[str, ...], cursor: int, ends_at: float,
                  client_key: str = "", envelope: bool = False,
-                 chunk_bytes: int = DEFAULT_CHUNK) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK,
+                 render: Callable[[Event], bytes] | None = None) -> None:
         self.topics = topics
         self.topic_set = frozenset(topics)
         self.envelope = envelope
@@ -226,6 +232,10 @@ class Subscription:
         self.behind_since = time.monotonic()
         self.transients: dict[str, Transient] = {}
         self.chunk_bytes = chunk_bytes
+        # Another wire format (an edge adapter's, e.g. Mercure): the event's frame for this
+        # subscription, b"" to skip it. Such a frame starts with the comment ": <position>"
+        # (``written_through`` reads it: its ``id:`` need not be a position).
+        self.render = render
 
     @property
     def closed(self) -> bool:
@@ -237,7 +247,11 @@ class Subscription:
 
     def push_event(self, event: Event) -> None:
         """Queue ``event`` as this stream needs it: the shared bytes, made once per event."""
-        if self.envelope:
+        if self.render is not None:
+            frame = self.render(event)
+            if frame:
+                self.push(frame, event.created_at)
+        elif self.envelope:
             self.push(event.frame_for(self), event.created_at)
         else:
             self.push_wire(event.chunk if self.direct is not None else event.frame,
@@ -292,14 +306,12 @@ class Subscription:
         self.fall_behind(self.written_through(chunk))
 
     def written_through(self, unsent: bytes) -> int:
-        """The last position fully written before ``unsent``: the first ``id:`` in it, less one."""
-        start = unsent.find(b"id: ")
-        while start > 0 and unsent[start - 1:start] != b"\n":
-            start = unsent.find(b"id: ", start + 1)
-        if start < 0:
+        """The last position fully written before ``unsent``: the first ``id:`` in it (or
+        position comment, see ``render``), less one."""
+        found = _POSITION_LINE.search(unsent)
+        if found is None:
             return self.cursor
-        end = unsent.index(b"\n", start)
-        return int(unsent[start + 4:end]) - 1
+        return int(found.group(1)) - 1
 
     def fall_behind(self, position: int) -> None:
         self.cursor = position

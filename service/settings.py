@@ -124,6 +124,13 @@ class Settings:
     header_timeout_seconds: float = 10.0
     workers: int = 1
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
+    # issue 25: the Mercure hub
+    mercure: bool = False
+    mercure_anonymous: bool = False
+    mercure_publisher_jwt_key: str | None = None
+    mercure_subscriber_jwt_key: str | None = None
+    mercure_audience: tuple[str, ...] = ()
+    mercure_issuer: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -180,10 +187,23 @@ class Settings:
         take("HEADER_TIMEOUT", "header_timeout_seconds", _positive_duration)
         take("WORKERS", "workers", _workers)
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
+        # issue 25: the Mercure hub
+        take("MERCURE", "mercure", _bool)
+        take("MERCURE_ANONYMOUS", "mercure_anonymous", _bool)
+        take("MERCURE_PUBLISHER_JWT_KEY", "mercure_publisher_jwt_key", _nonempty)
+        take("MERCURE_SUBSCRIBER_JWT_KEY", "mercure_subscriber_jwt_key", _nonempty)
+        take("MERCURE_AUDIENCE", "mercure_audience", _csv)
+        take("MERCURE_ISSUER", "mercure_issuer", _csv)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)
         return cls(**values)
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
 
 
 def _positive_float(text: str) -> float:

@@ -36,10 +36,10 @@ from . import metrics
 from .auth import Authenticator
 from .errors import BadRequest, NotFound, PgsseError, Unavailable
 from .feed import History
-from .hub import CloseReason, Direct, Hub, Subscription, SubState, Transient, reset_event
+from .hub import CloseReason, Direct, Event, Hub, Subscription, SubState, Transient, reset_event
 from .limits import Limits
 from .settings import Settings
-from .topics import is_valid
+from .topics import is_reserved, is_valid
 
 MAX_TOPICS = 32
 MAX_POSITION = 2**63 - 1
@@ -71,6 +71,9 @@ def parse_topics(request: Request) -> tuple[str, ...]:
             raise BadRequest(
                 "topics are /-separated non-empty segments of [A-Za-z0-9_.:@%-], "
                 "at most 256 characters", code="invalid_topic", param="topic")
+        if is_reserved(topic):
+            raise BadRequest(f"topic {topic!r} is reserved (Mercure updates: subscribe at "
+                             "/.well-known/mercure)", code="reserved_topic", param="topic")
     return tuple(dict.fromkeys(topics))
 
 
@@ -176,6 +179,16 @@ class EventStream:
             return
         method = request.method
         del request  # parsed headers and query: not worth keeping for hours per stream
+        await self.serve(scope, receive, send, method=method, topics=topics, position=position,
+                         client_key=client_key, expires_at=principal.expires_at,
+                         envelope=envelope)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send, *, method: str,
+                    topics: tuple[str, ...], position: int | None, client_key: str,
+                    expires_at: float | None, envelope: bool = False,
+                    render: Callable[[Event], bytes] | None = None) -> None:
+        """A validated, authorised stream from ``position`` (None: the present) to its end.
+        Edge adapters (Mercure) call this with their own parsing and wire format."""
         settings = self.settings
         full = len(self.hub) >= settings.max_connections
         if full or not self.ready():
@@ -192,11 +205,11 @@ class EventStream:
 
         lifetime = settings.stream_max_seconds * random.uniform(0.9, 1.0)
         expires_is_auth = False
-        if principal.expires_at is not None and principal.expires_at - time.time() <= lifetime:
-            lifetime = principal.expires_at - time.time()
+        if expires_at is not None and expires_at - time.time() <= lifetime:
+            lifetime = expires_at - time.time()
             expires_is_auth = True
         sub = Subscription(topics, 0, time.monotonic() + lifetime, client_key, envelope,
-                           settings.client_buffer_bytes)
+                           settings.client_buffer_bytes, render)
         transport = transport_of(scope)
         direct = direct_of(scope, transport)
         self.limits.opened(client_key)
@@ -360,7 +373,8 @@ class EventLookup:
                              code="invalid_position", param="position")
         principal = self.auth.authenticate(request)
         row = await self.history.event(int(raw))
-        if row is None or not any(principal.allows(topic) for topic in row["topics"]):
+        if row is None or any(is_reserved(t) for t in row["topics"]) or not any(
+                principal.allows(topic) for topic in row["topics"]):
             # Not granted looks like absent: no probing for other tenants' positions.
             raise NotFound("no retained event at this position (pruned, or never existed)",
                            param="position")

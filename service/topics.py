@@ -31,3 +31,12 @@ def prefixes(topic: str) -> list[str]:
 def covers(grant: str, topic: str) -> bool:
     """Whether a subscription or grant for ``grant`` includes ``topic``."""
     return grant == "*" or topic == grant or topic.startswith(grant + "/")
+
+
+# Mercure updates travel as events of this topic (``pgsse.mercure``); they carry their own
+# topics and privacy, so ``/events`` never serves it (a private update would leak).
+MERCURE_TOPIC = "_mercure"
+
+
+def is_reserved(topic: str) -> bool:
+    return topic == MERCURE_TOPIC or topic.startswith(MERCURE_TOPIC + "/")
