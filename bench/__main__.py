@@ -32,10 +32,10 @@ import time
 import traceback
 from typing import Any
 
-from . import dashboards, infra, report, scenarios
+from . import dashboards, infra, mercure, report, scenarios
 from .loadclient import install_uvloop
 
-ALL = ("streams", "aggregates", "writer", "dashboards")
+ALL = ("streams", "aggregates", "writer", "dashboards", "mercure")
 
 
 def log(msg: str) -> None:
@@ -154,6 +154,14 @@ async def run(args: argparse.Namespace) -> int:
                 out["scenarios"]["dashboards"] = {"error": repr(exc),
                                                   "trace": traceback.format_exc()[-2000:]}
                 log(f"  dashboards failed: {exc!r}")
+        if "mercure" in only:
+            log("mercure: Mercure subscribers vs /events streams, POST vs SQL publish")
+            try:
+                out["scenarios"]["mercure"] = await mercure.suite(url, plan.quick, log)
+            except Exception as exc:
+                out["scenarios"]["mercure"] = {"error": repr(exc),
+                                               "trace": traceback.format_exc()[-2000:]}
+                log(f"  mercure failed: {exc!r}")
     finally:
         meta["runtime_s"] = round(time.monotonic() - started, 1)
         await asyncio.to_thread(pg.stop)

@@ -170,13 +170,18 @@ class Event:
 
     def frame_for(self, sub: Subscription) -> bytes:
         if sub.render is not None:
-            return sub.render(self)  # b"": not for this subscription
+            rendered = sub.render(self)  # None: not for this subscription
+            return rendered[0] if rendered is not None else b""
         if not sub.envelope:
             return self.frame
         for key, index in self.keys:
             if key in sub.topic_set:
                 return self.enveloped(index)
         return self.enveloped(0)
+
+
+# An edge adapter's encoding of one event: (SSE frame, the frame as an HTTP chunk).
+Rendered = tuple[bytes, bytes]
 
 
 @dataclass(slots=True)
@@ -212,7 +217,7 @@ class Subscription:
     def __init__(self, topics: tuple[str, ...], cursor: int, ends_at: float,
                  client_key: str = "", envelope: bool = False,
                  chunk_bytes: int = DEFAULT_CHUNK,
-                 render: Callable[[Event], bytes] | None = None) -> None:
+                 render: Callable[[Event], Rendered | None] | None = None) -> None:
         self.topics = topics
         self.topic_set = frozenset(topics)
         self.envelope = envelope
@@ -232,9 +237,10 @@ class Subscription:
         self.behind_since = time.monotonic()
         self.transients: dict[str, Transient] = {}
         self.chunk_bytes = chunk_bytes
-        # Another wire format (an edge adapter's, e.g. Mercure): the event's frame for this
-        # subscription, b"" to skip it. Such a frame starts with the comment ": <position>"
-        # (``written_through`` reads it: its ``id:`` need not be a position).
+        # Another wire format (an edge adapter's, e.g. Mercure): the event's (frame, chunk)
+        # for this subscription, shared by all it suits, or None to skip it. Such a frame
+        # starts with the comment ": <position>" (``written_through`` reads it: its ``id:``
+        # need not be a position).
         self.render = render
 
     @property
@@ -248,9 +254,10 @@ class Subscription:
     def push_event(self, event: Event) -> None:
         """Queue ``event`` as this stream needs it: the shared bytes, made once per event."""
         if self.render is not None:
-            frame = self.render(event)
-            if frame:
-                self.push(frame, event.created_at)
+            rendered = self.render(event)
+            if rendered is not None:
+                self.push_wire(rendered[1] if self.direct is not None else rendered[0],
+                               event.created_at)
         elif self.envelope:
             self.push(event.frame_for(self), event.created_at)
         else:

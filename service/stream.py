@@ -36,7 +36,17 @@ from . import metrics
 from .auth import Authenticator
 from .errors import BadRequest, NotFound, PgsseError, Unavailable
 from .feed import History
-from .hub import CloseReason, Direct, Event, Hub, Subscription, SubState, Transient, reset_event
+from .hub import (
+    CloseReason,
+    Direct,
+    Event,
+    Hub,
+    Rendered,
+    Subscription,
+    SubState,
+    Transient,
+    reset_event,
+)
 from .limits import Limits
 from .settings import Settings
 from .topics import is_reserved, is_valid
@@ -186,7 +196,7 @@ class EventStream:
     async def serve(self, scope: Scope, receive: Receive, send: Send, *, method: str,
                     topics: tuple[str, ...], position: int | None, client_key: str,
                     expires_at: float | None, envelope: bool = False,
-                    render: Callable[[Event], bytes] | None = None) -> None:
+                    render: Callable[[Event], Rendered | None] | None = None) -> None:
         """A validated, authorised stream from ``position`` (None: the present) to its end.
         Edge adapters (Mercure) call this with their own parsing and wire format."""
         settings = self.settings

@@ -23,7 +23,7 @@ import json
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..db import Database
 from ..errors import BadRequest, Forbidden, PgsseError, Unauthorized, Unavailable
-from ..hub import Event
+from ..hub import Event, Rendered, http_chunk
 from ..queries import query
 from ..settings import Settings
 from ..stream import MAX_POSITION, EventStream
@@ -54,7 +54,25 @@ _FIELD_FORBIDDEN = ("\r", "\n", "\0")
 class Update:
     topics: tuple[str, ...]
     private: bool
-    frame: bytes
+    rendered: Rendered  # (frame, HTTP chunk): the same bytes for every subscriber
+
+
+class Matcher:
+    """A subscription's selectors, with the exact ones in a set (the common case: one
+    lookup per update topic instead of a call per selector)."""
+
+    __slots__ = ("everything", "exact", "others")
+
+    def __init__(self, selectors: Iterable[sel.Selector]) -> None:
+        found = list(selectors)
+        self.everything = any(s.kind == "any" for s in found)
+        self.exact = frozenset(s.text for s in found if s.kind == "exact")
+        self.others = tuple(s for s in found if s.kind not in ("any", "exact"))
+
+    def __call__(self, topics: tuple[str, ...]) -> bool:
+        if self.everything or not self.exact.isdisjoint(topics):
+            return True
+        return bool(self.others) and sel.any_matches(self.others, topics)
 
 
 class Updates:
@@ -92,7 +110,7 @@ class Updates:
             return None
         lines = data.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         frame = b"".join(head) + b"".join(b"data: %s\n" % line.encode() for line in lines) + b"\n"
-        return Update(topics, bool(body.get("private")), frame)
+        return Update(topics, bool(body.get("private")), (frame, http_chunk(frame)))
 
 
 class Mercure:
@@ -172,16 +190,16 @@ class Mercure:
         else:
             raise Unauthorized("a Mercure subscriber token is required (MERCURE_ANONYMOUS is off)")
         position = await self._position(request)
-        allowed = grant.subscribe
+        wanted, allowed = Matcher(selectors), Matcher(grant.subscribe)
         updates = self.updates
 
-        def render(event: Event) -> bytes:
+        def render(event: Event) -> Rendered | None:
             update = updates.get(event)
-            if update is None or not sel.any_matches(selectors, update.topics):
-                return b""
-            if update.private and not sel.any_matches(allowed, update.topics):
-                return b""
-            return update.frame
+            if update is None or not wanted(update.topics):
+                return None
+            if update.private and not allowed(update.topics):
+                return None
+            return update.rendered
 
         client_key = grant.subject or (request.client.host if request.client else "")
         self.stream.limits.check_stream(client_key)
@@ -253,7 +271,7 @@ def _single(fields: list[tuple[str, str]]) -> dict[str, str]:
     return out
 
 
-RenderHook = Callable[[Event], bytes]
+RenderHook = Callable[[Event], Rendered | None]
 
 
 class DiscoveryLink:
