@@ -602,3 +602,74 @@ def test_provider_recipes(name: str, start_server: Start, provider: Provider) ->
     for topic in refused:
         assert opens(server, token, topic) == 403, (name, topic)
     assert re.search(r"alg[^\n]*" + re.escape(alg), section), (name, alg)
+
+
+# --- pgsse token with a private key; configuration; encoding --------------------------------
+
+@pytest.mark.parametrize("private,alg,expected", [
+    (_RSA, None, "RS256"), (_RSA, "PS384", "PS384"), (_P256, None, "ES256"),
+    (_P384, None, "ES384"), (_ED, None, "EdDSA")])
+def test_token_command_signs_with_a_private_key(tmp_path: Path, private: Any, alg: str | None,
+                                                expected: str) -> None:
+    import subprocess
+    import sys
+
+    pem = tmp_path / "key.pem"
+    pem.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    args = [sys.executable, "-m", "pgsse", "token", "--key", str(pem), "--kid", "k1",
+            "--topics", "orders/42", "--ttl", "60", *(["--alg", alg] if alg else [])]
+    result = subprocess.run(args, cwd=ROOT, env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert jwt.get_unverified_header(token)["kid"] == "k1"
+    claims = jwt.decode(token, private.public_key(), algorithms=[expected])
+    assert claims["topics"] == ["orders/42"] and 50 < claims["exp"] - time.time() <= 60
+    wrong = "ES256" if expected != "ES256" else "RS256"
+    refused = subprocess.run([*args[:5], str(pem), "--alg", wrong], cwd=ROOT,
+                             env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                             timeout=30)
+    assert refused.returncode == 2 and wrong in refused.stderr
+
+
+def test_configuration_is_checked_at_start_up() -> None:
+    from pgsse.settings import ConfigError, Settings
+
+    good = Settings.from_env({
+        "AUTH_JWKS_URL": "https://idp.example.com/jwks.json, http://127.0.0.1:9/k,"
+                         "http://localhost/k,http://[::1]:8/k",
+        "AUTH_ALGORITHMS": "RS256,EdDSA", "AUTH_GRANTS": "orders/{org_id},t-{a.b}/x,plain",
+        "AUTH_TOPICS_CLAIM": "https://example.com/topics", "AUTH_JWKS_TTL": "5m"})
+    assert len(good.auth_jwks_url) == 4 and good.auth_enabled
+    assert good.auth_grants == ("orders/{org_id}", "t-{a.b}/x", "plain")
+    assert good.auth_jwks_ttl_seconds == 300
+    with pytest.raises(ConfigError) as bad:
+        Settings.from_env({"AUTH_JWKS_URL": "http://idp.example.com/jwks.json",
+                           "AUTH_ALGORITHMS": "RS256,HS512", "AUTH_GRANTS": "orders/{org_id",
+                           "AUTH_TOPICS_CLAIM": " ", "AUTH_JWKS_MIN_INTERVAL": "0s"})
+    assert set(bad.value.problems) == {"AUTH_JWKS_URL", "AUTH_ALGORITHMS", "AUTH_GRANTS",
+                                       "AUTH_TOPICS_CLAIM", "AUTH_JWKS_MIN_INTERVAL"}
+    for url in ("ftp://x/k", "file:///etc/passwd", "https://", "http://10.0.0.1/k", ""):
+        with pytest.raises(ConfigError):
+            Settings.from_env({"AUTH_JWKS_URL": url})
+    for template in ("orders/{}", "orders//{a}", "{a}/ x", "orders/{a}}"):
+        with pytest.raises(ConfigError):
+            Settings.from_env({"AUTH_GRANTS": template})
+
+
+async def test_template_values_are_encoded_as_realtime_watch_encodes_keys(
+        conn: asyncpg.Connection) -> None:
+    from pgsse.auth import GrantTemplate
+
+    values = ["acme", "a b", "ü", "50%", "x/y", "ok-._:@", "tab\there", "日本", "emoji 🙂",
+              "'quote\"", "{braces}", "+=&?#", 42, 7.0, -3]
+    template = GrantTemplate("orders/{v}")
+    for value in values:
+        expected = await conn.fetchval("SELECT realtime.key_topic_v2('orders', $1)", str(value)
+                                       if not isinstance(value, float) else "7")
+        assert template.fill({"v": value}) == expected, value
+    for nothing in (None, "", True, False, [], {}, ["a"], {"a": 1}):
+        assert template.fill({"v": nothing}) is None, nothing
+    assert template.fill({}) is None
