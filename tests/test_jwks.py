@@ -426,6 +426,7 @@ def test_hostile_tokens_and_malformed_jwks_answers_never_5xx(start_server: Start
                 for path in ("/events?topic=orders/1", "/stats"):
                     status = client.get(server.url + path, headers=bearer(token)).status_code
                     statuses[status] = statuses.get(status, 0) + 1
+        print("statuses of 600 hostile requests:", statuses, "JWKS fetches:", source.count())
         assert not [s for s in statuses if s >= 500], statuses
         assert source.count() > 10, "the malformed answers were fetched"
         with source.lock:
@@ -667,8 +668,8 @@ async def test_template_values_are_encoded_as_realtime_watch_encodes_keys(
               "'quote\"", "{braces}", "+=&?#", 42, 7.0, -3]
     template = GrantTemplate("orders/{v}")
     for value in values:
-        expected = await conn.fetchval("SELECT realtime.key_topic_v2('orders', $1)", str(value)
-                                       if not isinstance(value, float) else "7")
+        expected = await conn.fetchval("SELECT realtime.key_topic_v2('orders', $1::jsonb ->> 0)",
+                                       json.dumps([value]))
         assert template.fill({"v": value}) == expected, value
     for nothing in (None, "", True, False, [], {}, ["a"], {"a": 1}):
         assert template.fill({"v": nothing}) is None, nothing

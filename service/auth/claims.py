@@ -11,6 +11,7 @@ or not a string or number grants nothing — never the bare parent topic.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,8 +64,8 @@ def scalar_text(value: Any) -> str | None:
         return value or None
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, float) and value == value and abs(value) != float("inf"):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return repr(value)  # 7.0 stays "7.0", as jsonb keeps a number's text
     return None
 
 

@@ -2,7 +2,8 @@
 
 One ``KeySource`` per URL holds the last good set. ``Jwks.run`` (owned by the lifespan)
 fetches every set at start-up and again when due: after ``AUTH_JWKS_TTL``, or the answer's
-``Cache-Control: max-age`` when shorter (but not sooner than ``AUTH_JWKS_MIN_INTERVAL``);
+``Cache-Control: max-age`` when shorter (at least 1 s; ``no-cache`` speaks to HTTP caches,
+not to key lifetimes, and is ignored);
 after a failure, with backoff from 1 s up to that interval. A token naming an unknown
 ``kid`` refreshes at once (``refresh_for_unknown_kid``), at most once per interval per URL,
 so a flood of random kids cannot make pgsse hammer the provider. A failed fetch keeps the
@@ -36,6 +37,7 @@ RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"
 ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | {"ES256", "ES384", "EdDSA"}
 MAX_JWKS_BYTES = 1 << 20
 FETCH_TIMEOUT = 10.0
+MIN_REFRESH = 1.0  # seconds: the shortest max-age honoured
 MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
 
 
@@ -97,8 +99,6 @@ def parse_jwks(body: bytes) -> tuple[PublicKey, ...]:
 
 def max_age(headers: httpx.Headers) -> float | None:
     value = headers.get("cache-control", "")
-    if re.search(r"no-cache|no-store", value, re.IGNORECASE):
-        return 0.0
     match = MAX_AGE.search(value)
     return float(match.group(1)) if match else None
 
@@ -150,8 +150,8 @@ class Jwks:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Fetch every set now and whenever due, until ``stop``."""
-        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False,
-                                     trust_env=False) as client:
+        # trust_env: HTTPS_PROXY, NO_PROXY and SSL_CERT_FILE apply, as for any outbound call.
+        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as client:
             self.client = client
             try:
                 while not stop.is_set():
@@ -189,7 +189,8 @@ class Jwks:
                 return False
             try:
                 keys, age = await self._fetch(client, source.url)
-            except (httpx.HTTPError, JwksError, TimeoutError, UnicodeError) as exc:
+            except Exception as exc:  # any failure of a foreign server's answer
+                # keeps the last good set, and must not end the refresh loop.
                 source.failures += 1
                 source.last_error = f"{type(exc).__name__}: {exc}"[:300]
                 source.due = time.monotonic() + min(self.min_interval,
@@ -201,7 +202,7 @@ class Jwks:
                 return False
             interval = self.ttl if age is None else min(self.ttl, age)
             source.keys, source.fetched, source.failures, source.last_error = keys, True, 0, ""
-            source.due = time.monotonic() + max(self.min_interval, interval)
+            source.due = time.monotonic() + max(MIN_REFRESH, interval)
             log.info("JWKS fetched", extra={"event": "jwks_fetched", "url": source.url,
                                             "keys": len(keys)})
             return True
