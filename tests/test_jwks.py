@@ -93,6 +93,17 @@ def forge(header: Any, payload: Any, signature: bytes = b"sig") -> str:
                      b64(signature)])
 
 
+def hs256_with(secret: bytes, kid: str | None, alg: str = "HS256") -> str:
+    """An HS* token whose HMAC key is ``secret`` (a public key's PEM: the confusion attack)."""
+    import hashlib
+    import hmac
+
+    header = {"alg": alg, "typ": "JWT", **({"kid": kid} if kid else {})}
+    signing_input = forge(header, {"exp": int(time.time()) + 60, "topics": ["*"]}).rsplit(".", 1)[0]
+    digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+    return signing_input + "." + b64(hmac.new(secret, signing_input.encode(), digest).digest())
+
+
 # --- a JWKS provider over real HTTP ------------------------------------------------------
 
 class Provider:
@@ -181,6 +192,10 @@ async def test_each_algorithm_family_streams_its_grant(start_server: Start, prov
         token = sign(alg, ["orders/1"])
         assert opens(server, token, "orders/1") == 200, alg
         assert opens(server, token, "orders/2") == 403, alg
+    # HS256 over the public key's PEM: no shared secret here, and a public key never meets HS*.
+    pem = _RSA.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert error_code(server, hs256_with(pem, "rsa-1")) == (401, "invalid_token")
     # A key of another family under the token's kid is never used (ES256 header, RSA kid).
     assert error_code(server, sign("ES256", kid="rsa-1")) == (401, "invalid_token")
     assert error_code(server, sign("RS256", kid="p256-1")) == (401, "invalid_token")
@@ -221,15 +236,7 @@ def test_algorithm_confusion_none_and_header_keys_are_refused(start_server: Star
         body = {"exp": int(time.time()) + 60, "topics": ["*"]}
         for kid in ("rsa-1", None):
             for alg in ("HS256", "HS384", "HS512"):
-                confused = forge({"alg": alg, "typ": "JWT", **({"kid": kid} if kid else {})},
-                                 body)
-                signing_input = confused.rsplit(".", 1)[0].encode()
-                import hashlib
-                import hmac
-                digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384,
-                          "HS512": hashlib.sha512}[alg]
-                mac = hmac.new(pem, signing_input, digest).digest()
-                token = signing_input.decode() + "." + b64(mac)
+                token = hs256_with(pem, kid, alg)
                 assert error_code(server, token) == (401, "invalid_token"), (alg, kid)
         for header in ({"alg": "none"}, {"alg": "none", "kid": "rsa-1"}, {"alg": "None"},
                        {"alg": "NONE", "kid": "rsa-1"}):
@@ -674,3 +681,26 @@ async def test_template_values_are_encoded_as_realtime_watch_encodes_keys(
     for nothing in (None, "", True, False, [], {}, ["a"], {"a": 1}):
         assert template.fill({"v": nothing}) is None, nothing
     assert template.fill({}) is None
+
+
+def test_parse_jwks_keeps_only_usable_signature_keys() -> None:
+    from pgsse.auth.keys import JwksError, parse_jwks
+
+    bodies = [b"", b"not json", b"[]", b"null", b'{"keys": "x"}', b'{"keys": [1, "a", null]}',
+              b'{"keys": [{"kty": "RSA"}]}', b'{"keys": [{"kty": "EC", "crv": "P-999"}]}',
+              b'{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}', b"[" * 100_000, b"\xff",
+              json.dumps({"keys": [jwk(_RSA, "a", use="enc"), jwk(_RSA, ["a"]),
+                                   jwk(_RSA, "b", alg=["RS256"]), jwk(_RSA, "c", n=5),
+                                   jwk(_P256, "d", alg="RS256")]}).encode()]
+    for body in bodies:
+        with pytest.raises(JwksError):
+            parse_jwks(body)
+    private_rsa = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(_RSA))  # a leaked private key
+    keys = parse_jwks(json.dumps({"keys": [
+        {**private_rsa, "kid": "leaked"}, jwk(_RSA2, "ps", alg="PS256"), jwk(_P384, None),
+        jwk(_ED, "ed"), {"kty": "oct", "k": "c2VjcmV0", "kid": "hs"}, "junk"]}).encode())
+    by_kid = {key.kid: key for key in keys}
+    assert set(by_kid) == {"leaked", "ps", None, "ed"}
+    assert not hasattr(by_kid["leaked"].key, "private_bytes"), "only ever a public key"
+    assert by_kid["ps"].algorithms == {"PS256"}
+    assert by_kid[None].algorithms == {"ES384"} and by_kid["ed"].algorithms == {"EdDSA"}

@@ -36,7 +36,7 @@ log = logging.getLogger("pgsse.auth")
 RSA_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
 ASYMMETRIC_ALGORITHMS = RSA_ALGORITHMS | {"ES256", "ES384", "EdDSA"}
 MAX_JWKS_BYTES = 1 << 20
-FETCH_TIMEOUT = 10.0
+FETCH_TIMEOUT = 5.0  # a request naming an unknown kid waits for the refetch this long at most
 MIN_REFRESH = 1.0  # seconds: the shortest max-age honoured
 MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
 
@@ -157,14 +157,31 @@ class Jwks:
                 while not stop.is_set():
                     now = time.monotonic()
                     due = [source for source in self.sources if source.due <= now]
-                    if due:
-                        await asyncio.gather(*(self.refresh(source) for source in due))
+                    if due and not await self._until_stopped(
+                            asyncio.gather(*(self.refresh(source) for source in due)), stop):
+                        break
                     wait = min(source.due for source in self.sources) - time.monotonic()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), timeout=max(0.01, wait))
             finally:
                 self.client = None
                 log.info("JWKS refresher stopped", extra={"event": "jwks_stopped"})
+
+    @staticmethod
+    async def _until_stopped(work: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+        """Await ``work``; on ``stop`` cancel it (shutdown does not wait on a slow
+        provider) and return False."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({work, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if work.done():
+            return True
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return False
 
     async def refresh_for_unknown_kid(self) -> bool:
         """Refetch the sets a token's unknown kid may be new in; False if none could be."""
