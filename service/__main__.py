@@ -8,6 +8,7 @@ import gc
 import json
 import socket
 import sys
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -163,11 +164,25 @@ def demo(args: argparse.Namespace) -> None:
 
 def token(args: argparse.Namespace) -> None:
     from .auth import mint
+    from .auth.tokens import load_signing_key
 
     settings = _settings()
-    if not settings.auth_secret:
-        print("pgsse: AUTH_SECRET is not set; cannot sign a token", file=sys.stderr)
+    signing_key: object
+    if args.key:  # a private key PEM: the algorithm follows from its type (issue 21)
+        try:
+            signing_key, algorithm = load_signing_key(Path(args.key).read_bytes(), args.alg)
+        except (OSError, ValueError) as exc:
+            print(f"pgsse: --key {args.key}: {exc}", file=sys.stderr)
+            raise SystemExit(2) from exc
+    elif args.alg not in (None, "HS256"):
+        print(f"pgsse: --alg {args.alg} needs --key PRIVATE_KEY.pem", file=sys.stderr)
         raise SystemExit(2)
+    elif not settings.auth_secret:
+        print("pgsse: AUTH_SECRET is not set; cannot sign a token (or give --key)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    else:
+        signing_key, algorithm = settings.auth_secret[0], "HS256"
     extra: dict[str, object] = {}
     for claim in args.claim:
         key, sep, value = claim.partition("=")
@@ -181,7 +196,7 @@ def token(args: argparse.Namespace) -> None:
     if args.sub:
         extra["sub"] = args.sub
     topics = [t for part in args.topics for t in part.split(",") if t]
-    print(mint(settings.auth_secret[0], topics, args.ttl, extra))
+    print(mint(signing_key, topics, args.ttl, extra, algorithm=algorithm, kid=args.kid))
 
 
 def advise(args: argparse.Namespace) -> None:
@@ -223,11 +238,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--write", action="store_true", help="then run the demo writer until interrupted")
     p.add_argument("--rate", type=float, default=5.0, help="writer changes per second")
     p.set_defaults(func=demo)
-    p = sub.add_parser("token", help="mint a JWT signed with the first AUTH_SECRET key")
+    p = sub.add_parser("token", help="mint a JWT signed with the first AUTH_SECRET key, or --key")
     p.add_argument("--topics", action="append", default=[], help="granted topic (repeatable or comma-separated; * for all)")
     p.add_argument("--ttl", type=float, default=3600, help="seconds until it expires")
     p.add_argument("--claim", action="append", default=[], help="extra claim key=value (value parsed as JSON when it can be)")
     p.add_argument("--sub", help="subject claim")
+    p.add_argument("--key", help="sign with this private key (PEM: RSA, EC P-256/P-384 or Ed25519) instead of AUTH_SECRET")
+    p.add_argument("--alg", help="RS256/384/512, PS256/384/512 with an RSA key; else taken from the key's type (ES256, ES384, EdDSA)")
+    p.add_argument("--kid", help="key id put in the token's header (the kid your JWKS lists)")
     p.set_defaults(func=token)
     p = sub.add_parser("export", help="stream an aggregate as CSV or NDJSON from a running service")
     export_cli.add_arguments(p)

@@ -180,7 +180,7 @@ class Aggregates:
 
     async def list_endpoint(self, request: Request) -> Response:
         """The aggregates this caller may read: name, description, params, cache."""
-        principal = self._state().auth.authenticate(request)
+        principal = await self._state().auth.identify(request)
         return JSONResponse({"aggregates": [
             {"name": a.name, "description": a.spec.description,
              "params": [p.describe() for p in a.spec.params], "cache": a.spec.cache}
@@ -201,7 +201,7 @@ class Aggregates:
 
     async def _serve(self, request: Request, aggregate: Aggregate) -> Response:
         state = self._state()
-        principal = state.auth.authenticate(request)
+        principal = await state.auth.identify(request)
         principal.require([aggregate.topic])
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         auth = state.auth.enabled

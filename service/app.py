@@ -54,6 +54,8 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     aggregates = Aggregates(settings, Collaborators(database, hub, auth, limits))
     listener.on_batch.append(aggregates.on_events)
     lifecycle = Lifecycle(settings, database, hub, listener, sequencer, aggregates)
+    if auth.jwks is not None:  # issue 21: keys fetched in the background from start-up
+        lifecycle.also_run("jwks", auth.jwks.run)
     stream = EventStream(settings, hub, auth, limits, history, lifecycle.ready_for_streams)
     stream.resume_hooks.append(aggregates.on_resume)
     health = Health(database, hub, listener, sequencer, aggregates, auth, lifecycle.started_at)

@@ -60,8 +60,11 @@ class Health:
             checks["feed"] = "ok"
         checks["aggregates"] = "ok" if self.aggregates.ready else "loading"
         checks["draining"] = self.hub.draining
+        if self.auth.jwks is not None:  # issue 21: no key until one JWKS fetch succeeded
+            checks["jwks"] = self.auth.jwks.status()
         ok = (checks["database"] == "ok" and checks["feed"] == "ok"
-              and checks["aggregates"] == "ok" and not self.hub.draining)
+              and checks["aggregates"] == "ok" and not self.hub.draining
+              and checks.get("jwks", "ok") == "ok")
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
         if not self.auth.enabled:
             body["warnings"] = ["auth_disabled"]
@@ -72,7 +75,7 @@ class Health:
         return Response(body, media_type=content_type)
 
     async def stats(self, request: Request) -> Response:
-        principal = self.auth.authenticate(request)
+        principal = await self.auth.identify(request)
         if self.auth.enabled and "*" not in principal.grants:
             raise Forbidden("/stats needs a token granting '*'")
         hub = self.hub

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .aggregates import Aggregates
@@ -42,6 +42,7 @@ class Lifecycle:
         self.tasks: list[asyncio.Task[None]] = []
         self.started_at = time.time()
         self._starter: asyncio.Task[None] | None = None
+        self._independent: list[tuple[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]]] = []
 
     def ready_for_streams(self) -> bool:
         return self.listener.cursor is not None and not self.hub.draining
@@ -55,10 +56,17 @@ class Lifecycle:
 
     async def __aenter__(self) -> Lifecycle:
         if not self.settings.auth_enabled:
-            log.warning("AUTH_SECRET is not set: every stream and aggregate is open to anyone",
+            log.warning("AUTH_SECRET and AUTH_JWKS_URL are not set: every stream and aggregate is open to anyone",
                         extra={"event": "auth_disabled"})
         self._starter = asyncio.create_task(self._start_or_exit(), name="start")
+        for name, run in self._independent:
+            self._spawn(run(self.stop), name)
         return self
+
+    def also_run(self, name: str, run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
+        """A loop that needs no database (JWKS refresh): started with the process, stopped
+        with the others through ``stop``."""
+        self._independent.append((name, run))
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.drain()

@@ -71,5 +71,5 @@ class OpenApi:
         self.auth = auth
 
     async def endpoint(self, request: Request) -> Response:
-        principal = self.auth.authenticate(request)
+        principal = await self.auth.identify(request)
         return JSONResponse(spec(self.aggregates, principal.allows))

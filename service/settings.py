@@ -131,10 +131,17 @@ class Settings:
     mercure_subscriber_jwt_key: str | None = None
     mercure_audience: tuple[str, ...] = ()
     mercure_issuer: tuple[str, ...] = ()
+    # issue 21: identity providers (JWKS) and grants from claims
+    auth_jwks_url: tuple[str, ...] = ()
+    auth_jwks_ttl_seconds: float = 600.0
+    auth_jwks_min_interval_seconds: float = 30.0
+    auth_algorithms: tuple[str, ...] = ()
+    auth_topics_claim: str = "topics"
+    auth_grants: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.auth_secret)
+        return bool(self.auth_secret or self.auth_jwks_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -194,6 +201,13 @@ class Settings:
         take("MERCURE_SUBSCRIBER_JWT_KEY", "mercure_subscriber_jwt_key", _nonempty)
         take("MERCURE_AUDIENCE", "mercure_audience", _csv)
         take("MERCURE_ISSUER", "mercure_issuer", _csv)
+        # issue 21: identity providers (JWKS) and grants from claims
+        take("AUTH_JWKS_URL", "auth_jwks_url", _jwks_urls)
+        take("AUTH_JWKS_TTL", "auth_jwks_ttl_seconds", _positive_duration)
+        take("AUTH_JWKS_MIN_INTERVAL", "auth_jwks_min_interval_seconds", _positive_duration)
+        take("AUTH_ALGORITHMS", "auth_algorithms", _algorithms)
+        take("AUTH_TOPICS_CLAIM", "auth_topics_claim", _claim_path)
+        take("AUTH_GRANTS", "auth_grants", _grant_templates)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)
@@ -239,3 +253,63 @@ def _existing_dir(text: str) -> Path | None:
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory")
     return path
+
+
+# issue 21: identity providers (JWKS) and grants from claims
+ALGORITHMS = ("HS256", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+              "EdDSA")
+
+
+def _jwks_urls(text: str) -> tuple[str, ...]:
+    """``https://`` URLs, or ``http://`` to a loopback address (a test, a sidecar)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    urls = _csv(text)
+    if not urls:
+        raise ValueError("expected one or more comma-separated JWKS URLs")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as exc:
+            raise ValueError(f"{url!r} is not a URL") from exc
+        if parts.scheme == "https" and host:
+            continue
+        if parts.scheme == "http" and host:
+            try:
+                if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+                    continue
+            except ValueError:
+                pass
+            raise ValueError(f"{url!r}: http:// is allowed only to a loopback address; use https://")
+        raise ValueError(f"{url!r} is not an https:// URL")
+    return urls
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = _csv(text)
+    unknown = [name for name in names if name not in ALGORITHMS]
+    if unknown or not names:
+        raise ValueError(f"unsupported algorithm {unknown[0] if unknown else ''!r}; "
+                         f"choose from {', '.join(ALGORITHMS)}")
+    return names
+
+
+def _claim_path(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must name a claim")
+    return text.strip()
+
+
+def _grant_templates(text: str) -> tuple[str, ...]:
+    """Topics with ``{claim.path}`` placeholders; each must make a valid topic when filled."""
+    from .topics import is_valid
+
+    templates = _csv(text)
+    for template in templates:
+        filled = re.sub(r"\{[^{}]+\}", "x", template)
+        if "{" in filled or "}" in filled or not is_valid(filled):
+            raise ValueError(f"{template!r} is not a topic with {{claim}} placeholders")
+    return templates

@@ -35,7 +35,7 @@ EXPORT_ORDER_RE = re.compile(
     r"(?:\s*,\s*[A-Za-z_][A-Za-z0-9_]*(?:\s+(?:asc|desc))?)*)\s*", re.IGNORECASE)
 PARAM_RE = re.compile(
     r"param\s+(?P<name>[A-Za-z_][A-Za-z0-9_]*)\s*:\s*(?P<type>[a-z]+)"
-    r"(?:\s*=\s*(?P<default>.*?))?(?:\s+from\s+claim\s+(?P<claim>[A-Za-z_][A-Za-z0-9_.:-]*))?\s*$"
+    r"(?:\s*=\s*(?P<default>.*?))?(?:\s+from\s+claim\s+(?P<claim>[A-Za-z_][A-Za-z0-9_.:/-]*))?\s*$"
 )
 
 

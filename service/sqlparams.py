@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.datastructures import QueryParams
 
+from .auth.claims import MISSING, claim_at
 from .errors import BadRequest, Forbidden
 
 PG_TYPES = {"int": "bigint", "float": "float8", "numeric": "numeric", "text": "text",
@@ -148,10 +149,11 @@ def resolve(params: Sequence[Any], query: QueryParams, claims: Mapping[str, Any]
         if p.claim is not None and claims is not None:
             if p.name in query:
                 raise Forbidden(f"{p.name} comes from the token", param=p.name)
-            if p.claim not in claims:
+            claim = claim_at(claims, p.claim)  # issue 21: a verbatim name, else a dotted path
+            if claim is MISSING:
                 raise Forbidden(f"token has no claim {p.claim!r}", param=p.name)
             try:
-                values[p.name] = claim_value(p.type, claims[p.claim])
+                values[p.name] = claim_value(p.type, claim)
             except ValueError as exc:
                 raise Forbidden(f"claim {p.claim!r}: {exc}", param=p.name) from exc
         elif p.name in query:

@@ -180,7 +180,7 @@ class EventStream:
             topics = parse_topics(request)
             position = parse_position(request)
             envelope = parse_envelope(request)
-            principal = self.auth.authenticate(request)
+            principal = await self.auth.identify(request)
             principal.require(topics)
             client_key = principal.subject or (request.client.host if request.client else "")
             self.limits.check_stream(client_key)
@@ -381,7 +381,7 @@ class EventLookup:
         if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
             raise BadRequest("the position is a decimal integer from 0 to 2^63-1",
                              code="invalid_position", param="position")
-        principal = self.auth.authenticate(request)
+        principal = await self.auth.identify(request)
         row = await self.history.event(int(raw))
         if row is None or any(is_reserved(t) for t in row["topics"]) or not any(
                 principal.allows(topic) for topic in row["topics"]):

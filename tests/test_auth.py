@@ -72,7 +72,8 @@ def test_invalid_tokens_are_401_with_json(secured: Any) -> None:
         "not_base64": "@@@.@@@.@@@",
         "payload_array": jwt.api_jws.encode(b"[1,2]", FIRST, algorithm="HS256"),
         "oversized": token(pad="x" * 9000),
-        "topics_not_list": jwt.encode({"topics": "orders", "exp": now + 60}, FIRST, algorithm="HS256"),
+        # A string is a space-separated list since contract section 8; an object is not.
+        "topics_not_list": jwt.encode({"topics": {"orders": True}, "exp": now + 60}, FIRST, algorithm="HS256"),
         "topics_not_strings": jwt.encode({"topics": [1], "exp": now + 60}, FIRST, algorithm="HS256"),
     }
     for name, value in bad.items():

@@ -47,17 +47,24 @@ def publish(server: Any, topics: list[str], *, token: str = PUBLISH_ALL, **field
 
 async def received(server: Any, params: list[tuple[str, str]], topics: list[str], *,
                    headers: dict[str, str] | None = None, cookies: str | None = None,
-                   wait: float = 2.0, **fields: str) -> tuple[httpx.Response, list[Any]]:
-    """Subscribe, publish one update, and return the answer and what the stream got."""
-    marker = uuid.uuid4().hex
+                   wait: float = 30.0, **fields: str) -> tuple[httpx.Response, list[Any]]:
+    """Subscribe, publish one update, and return the answer and what the stream got.
+
+    The stream also selects a sentinel topic, published to right after the update: updates
+    arrive in commit order, so once the sentinel is in, the update is in too if it matched
+    (no waiting on a clock to prove that something did not arrive)."""
+    marker, sentinel = uuid.uuid4().hex, f"sentinel-{uuid.uuid4().hex}"
     fields.setdefault("data", f"{MULTILINE} {marker}")
     hdrs = dict(headers or {})
     if cookies:
         hdrs["Cookie"] = cookies
-    task = await open_stream(server.url + HUB, params=params, headers=hdrs, timeout=wait,
-                             until=lambda s: any(marker in e.data for e in s.events))
+    task = await open_stream(server.url + HUB, params=[*params, ("topic", sentinel)],
+                             headers=hdrs, timeout=wait,
+                             until=lambda s: any(e.data == sentinel for e in s.events))
     answer = publish(server, topics, **fields)
+    publish(server, [sentinel], data=sentinel)
     stream = await task
+    assert any(e.data == sentinel for e in stream.events), stream
     return answer, [e for e in stream.events if marker in e.data]
 
 
@@ -236,3 +243,23 @@ async def test_a_replica_serves_what_another_accepted(start_server: Any) -> None
 ])
 def test_uri_templates(template: str, topic: str, expected: bool) -> None:
     assert selectors.legacy(template).matches(topic) is expected
+
+
+async def test_tokens_signed_by_the_identity_provider_jwks(start_server: Any) -> None:
+    from tests.test_jwks import Provider, sign
+
+    provider = Provider().start()
+    try:
+        server = start_server({**env(), "AUTH_JWKS_URL": provider.url})
+        topic = f"https://example.net/jwks/{rnd()}"
+        publisher = sign("ES256", topics=None, mercure={"publish": ["*"]})
+        subscriber = sign("RS256", topics=None, mercure={"subscribe": [topic]})
+        assert publish(server, [topic], token=publisher).status_code == 200
+        _, got = await received(server, [("topic", topic)], [topic], private="on",
+                                headers={"Authorization": f"Bearer {subscriber}"})
+        assert len(got) == 1
+        # an HS256 token signed with the provider's public key material is no way in
+        forged = jwt.encode({"mercure": {"publish": ["*"]}}, provider.url, algorithm="HS256")
+        assert publish(server, [topic], token=forged).status_code == 401
+    finally:
+        provider.stop()

@@ -119,10 +119,11 @@ class Mercure:
         self.database = database
         self.stream = stream
         self.updates = Updates()
+        jwks = stream.auth.jwks
         self.publishers = MercureTokens(settings.mercure_publisher_jwt_key,
-                                        settings.mercure_audience, settings.mercure_issuer)
+                                        settings.mercure_audience, settings.mercure_issuer, jwks)
         self.subscribers = MercureTokens(settings.mercure_subscriber_jwt_key,
-                                         settings.mercure_audience, settings.mercure_issuer)
+                                         settings.mercure_audience, settings.mercure_issuer, jwks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)

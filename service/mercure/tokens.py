@@ -19,6 +19,7 @@ from typing import Any
 import jwt
 from starlette.requests import HTTPConnection
 
+from ..auth.keys import ASYMMETRIC_ALGORITHMS, Jwks
 from ..errors import Unauthorized
 from . import selectors as sel
 
@@ -45,22 +46,36 @@ def token_from(conn: HTTPConnection) -> str | None:
 
 
 class MercureTokens:
-    def __init__(self, key: str | None, audience: tuple[str, ...], issuer: tuple[str, ...]) -> None:
+    def __init__(self, key: str | None, audience: tuple[str, ...], issuer: tuple[str, ...],
+                 jwks: Jwks | None = None) -> None:
         self.key = key
         self.audience = audience
         self.issuer = issuer
+        self.jwks = jwks  # AUTH_JWKS_URL's keys verify asymmetric Mercure tokens too
+
+    def _keys(self, token: str) -> tuple[list[Any], str]:
+        """The keys a token may verify with: its algorithm decides (HS256 only the
+        configured secret, an asymmetric one only a JWKS key of its type, none never)."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise Unauthorized(f"invalid Mercure token: {exc}", code="invalid_token") from exc
+        alg = header.get("alg")
+        if alg == "HS256" and self.key is not None:
+            return [self.key], alg
+        if isinstance(alg, str) and alg in ASYMMETRIC_ALGORITHMS and self.jwks is not None:
+            kid = header.get("kid")
+            found = self.jwks.candidates(kid if isinstance(kid, str) else None, alg)
+            if found:
+                return [key.key for key in found], alg
+        raise Unauthorized("no Mercure key verifies this token", code="invalid_token")
 
     def verify(self, token: str) -> Grant:
-        if self.key is None:
-            raise Unauthorized("no Mercure key is configured for this action", code="invalid_token")
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthorized("token too large", code="invalid_token")
+        keys, alg = self._keys(token)
         try:
-            claims = jwt.decode(token, self.key, algorithms=["HS256"],
-                                options={"require": [], "verify_aud": bool(self.audience),
-                                         "verify_iss": bool(self.issuer)},
-                                audience=list(self.audience) or None,
-                                issuer=list(self.issuer) or None, leeway=5)
+            claims = _decode(token, keys, alg, self.audience, self.issuer)
         except (jwt.PyJWTError, ValueError, TypeError, OverflowError) as exc:
             raise Unauthorized(f"invalid Mercure token: {exc}", code="invalid_token") from exc
         if not isinstance(claims, dict):
@@ -73,6 +88,21 @@ class MercureTokens:
         except (sel.SelectorError, TypeError, AttributeError) as exc:
             raise Unauthorized(f"invalid Mercure claims: {exc}", code="invalid_token") from exc
         return Grant(publish, subscribe, expires_at, sub if isinstance(sub, str) else None)
+
+
+def _decode(token: str, keys: list[Any], alg: str, audience: tuple[str, ...],
+            issuer: tuple[str, ...]) -> Any:
+    error: Exception | None = None
+    for key in keys:
+        try:
+            return jwt.decode(token, key, algorithms=[alg],
+                              options={"require": [], "verify_aud": bool(audience),
+                                       "verify_iss": bool(issuer)},
+                              audience=list(audience) or None, issuer=list(issuer) or None,
+                              leeway=5)
+        except jwt.InvalidSignatureError as exc:
+            error = exc
+    raise jwt.InvalidSignatureError("bad signature") from error
 
 
 def _selectors(claims: dict[str, Any]) -> tuple[tuple[sel.Selector, ...], tuple[sel.Selector, ...]]:
