@@ -34,3 +34,10 @@ export function Badge(): string {
   useSubscription(rt, "orders", (e) => console.log(e.type));
   return useConnectionStatus(rt);
 }
+
+// The seed 000 map: a key and a function of the event in one list.
+const seedMap: InvalidationMap = {
+  "session.status.changed": [["sessions"], (e: PgsseEvent<{ sessionId: number }>) => ["sessions", { id: e.data.sessionId }]],
+  "session.*": (e) => (e.data ? [["sessions"], () => [["x"], ["y"]]] : null),
+};
+connectQueryClient(rt, queryClient, { map: seedMap, onError: (error: TypeError) => console.error(error.message) });
