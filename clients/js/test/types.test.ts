@@ -41,3 +41,8 @@ const seedMap: InvalidationMap = {
   "session.*": (e) => (e.data ? [["sessions"], () => [["x"], ["y"]]] : null),
 };
 connectQueryClient(rt, queryClient, { map: seedMap, onError: (error: TypeError) => console.error(error.message) });
+
+const shared = createClient({ url: "https://rt.example.com", shareTabs: false });
+const role: "holder" | "follower" | "solo" = shared.role;
+const mine: string[] = shared.ownTopics();
+void role; void mine;
