@@ -561,6 +561,8 @@ export class PgsseClient {
     const hideAfter = this.pauseWhenHiddenAfterMs;
     if (doc && hideAfter !== null && hideAfter !== false && Number.isFinite(hideAfter)) {
       const onVisibility = () => {
+        // The holder pauses only when no tab is visible: tell it about this one either way.
+        if (this._share && !this._share.holding) this._share.announce();
         if (doc.visibilityState === "hidden" || doc.hidden === true) {
           clearTimeout(this._hiddenTimer);
           this._hiddenTimer = setTimeout(() => {
@@ -573,7 +575,6 @@ export class PgsseClient {
         } else {
           clearTimeout(this._hiddenTimer);
           this._hiddenTimer = null;
-          if (this._share && !this._share.holding) this._share.announce();
           if (this._paused) {
             this._paused = false;
             this._resume();
