@@ -134,3 +134,64 @@ test("status, errors and reset reach every tab; a follower's reconnect() reaches
   stream.destroy();
   await until(() => follower.rt.status === "backoff" || server.requests.length > before + 1, 3000, "the holder's backoff reaches the follower");
 });
+
+test("a hidden holder pauses only when every tab is hidden; a tab coming back wakes it", async (t) => {
+  const server = await sseServer((req, res) => beginStream(res));
+  t.after(() => server.close());
+  const locks = lockManager();
+  const docs = [0, 1].map(() => Object.assign(new EventTarget(), { visibilityState: "visible" }));
+  const tabs = docs.map((document, i) => createClient({ url: server.url, backoff: fast, window: new EventTarget(),
+    navigator: { onLine: true, locks }, document, pauseWhenHiddenAfterMs: 30 }));
+  t.after(() => tabs.forEach((rt) => rt.close()));
+  tabs.forEach((rt, i) => rt.subscribe([`t/${i}`], () => {}));
+  await until(() => server.requests.at(-1)?.topics.length === 2 && tabs.every((rt) => rt.status === "open"), 3000, "open");
+  const h = tabs.findIndex((rt) => rt.role === "holder");
+  const f = 1 - h;
+  const hide = (i, state) => { docs[i].visibilityState = state; docs[i].dispatchEvent(new Event("visibilitychange")); };
+  hide(h, "hidden");
+  await new Promise((resolve) => setTimeout(resolve, 120));
+  assert.equal(tabs[h].status, "open", "the other tab is visible: keep streaming");
+  hide(f, "hidden");
+  hide(h, "hidden"); // the holder's own timer runs again, now with every tab hidden
+  await until(() => tabs.every((rt) => rt.status === "paused"), 3000, "paused in both tabs");
+  hide(f, "visible");
+  await until(() => tabs.every((rt) => rt.status === "open"), 3000, "the visible tab woke the stream");
+});
+
+test("a 403 at the holder reaches the follower's refused subscription; a follower's seed replays from there", async (t) => {
+  const streams = [];
+  const server = await sseServer((req, res, n, entry) => {
+    if (entry.topics.includes("secret")) {
+      res.writeHead(403, { "Content-Type": "application/json" });
+      res.end(JSON.stringify({ error: { code: "forbidden", message: "no", topics: ["secret"] } }));
+      return;
+    }
+    beginStream(res);
+    streams.push(res);
+  });
+  t.after(() => server.close());
+  const locks = lockManager();
+  const got = [];
+  const first = tab(server.url, locks, ["t/0"], []);
+  await until(() => first.rt.role === "holder" && first.rt.status === "open", 3000, "holder open");
+  for (let n = 1; n <= 5; n++) streams.at(-1).write(frame({ id: n, type: "tick", topic: "t/1", data: { n } }));
+  await until(() => first.rt.lastEventId === "5", 3000, "holder at 5");
+  const second = tab(server.url, locks, ["t/1"], got);
+  t.after(() => { first.rt.close(); second.rt.close(); });
+  const refused = [];
+  second.rt.subscribe(["secret"], () => {}, { onError: (e) => refused.push(e.topics) });
+  await until(() => refused.length === 1, 3000, "the refusal in the follower");
+  assert.deepEqual(refused[0], ["secret"]);
+  await until(() => server.requests.at(-1).topics.join() === "t/0,t/1" && !server.requests.at(-1).closed, 3000, "without the refused topic");
+  // The follower adopted the holder's position (it starts at the present): seeding from a
+  // snapshot at 2 asks the holder to replay 3..5 for it.
+  await until(() => second.rt.lastEventId === "5", 3000, "position adopted");
+  second.rt.lastEventId = null; // as if no event had reached it yet
+  second.rt.seed(2);
+  await until(() => server.requests.at(-1).lastEventId === "2", 3000, "rewound to 2");
+  await until(() => streams.length === server.requests.filter((r) => !r.topics.includes("secret")).length, 3000, "stream");
+  for (let n = 3; n <= 6; n++) streams.at(-1).write(frame({ id: n, type: "tick", topic: "t/1", data: { n } }));
+  await until(() => got.length === 4, 3000, "3..6 in the follower");
+  assert.deepEqual(got, [3, 4, 5, 6]);
+  assert.equal(first.rt.lastEventId, "6", "the holder dropped the replay of 3..5 but kept 6");
+});
