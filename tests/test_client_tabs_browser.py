@@ -291,3 +291,43 @@ async def test_a_tab_back_from_the_cache_catches_up_through_the_tab_that_took_ov
     # The holder took over from that id, and went back to it for the returning tab.
     resumed = [u for u in await events_urls(stays) if f"last_event_id={left_at}" in u]
     assert len(resumed) == 2, await events_urls(stays)
+
+
+async def test_a_crashed_holding_tab_is_replaced_within_5s(
+        start_server: Start, conn: asyncpg.Connection, pages: Callable[[str], str], browser: Any) -> None:
+    """The holder's renderer crashes (no pagehide, no goodbye): the browser releases its locks,
+    another tab holds the stream within 5 s, drops the dead tab's topic and loses nothing."""
+    port = free_port()
+    service = f"http://127.0.0.1:{port}"
+    origin = pages(service)
+    server = start_server({"CORS_ORIGINS": origin}, port=port)
+    tabs = await open_tabs(browser, origin, 2)
+    await one_stream_for(server, tabs, 2)
+    roles = [await role(t) for t in tabs]
+    holder, other = (tabs[0], tabs[1]) if roles[0] == "holder" else (tabs[1], tabs[0])
+    i = 1 if other is tabs[1] else 0
+    for n in range(10):
+        await publish(conn, f"tabs/{n % 2}", n)
+
+    async def first() -> bool:
+        return len(await received(other)) == 5
+    await eventually(first, what="the first events")
+    cdp = await browser.new_cdp_session(holder)
+    crashed_at = time.monotonic()
+    # The answer never comes (the renderer is gone): do not wait for it.
+    crash = asyncio.ensure_future(cdp.send("Page.crash"))
+    for n in range(10, 20):
+        await publish(conn, f"tabs/{n % 2}", n)
+
+    async def taken_over() -> bool:
+        figures = stats(server)
+        return await role(other) == "holder" and figures["clients"] == 1 and figures["topics"] == 1
+    await eventually(taken_over, timeout=10, what="the other tab holds the stream, with its own topic only")
+    assert time.monotonic() - crashed_at < 5.0
+
+    async def complete() -> bool:
+        return len(await received(other)) >= 10
+    await eventually(complete, what="the events across the crash")
+    await asyncio.sleep(0.3)
+    assert [e["n"] for e in await received(other)] == own(range(20), i, 2)
+    crash.cancel()
