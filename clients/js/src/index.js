@@ -471,7 +471,7 @@ export class PgsseClient {
   }
 
   _emit(name, ...args) {
-    if (name === "status") this._share?.relay("status", { status: args[0], info: cloneable(args[1]), position: this.lastEventId });
+    if (name === "status") this._share?.relay("status", { status: args[0], info: cloneable(args[1]) });
     if (name === "error") this._share?.relay("error", { error: cloneable(args[0]) });
     const set = this._listeners.get(name);
     if (!set) return;
@@ -516,10 +516,12 @@ export class PgsseClient {
     this._scheduleSync();
   }
 
-  /** The holding tab's status, in this tab. */
-  _mirrorStatus(status, info, position) {
+  /**
+   * The holding tab's status, in this tab. (A new tab keeps no position until its first event,
+   * as a client of its own would, so that seed() from a snapshot still replays for it.)
+   */
+  _mirrorStatus(status, info) {
     if (this._closed) return;
-    if (this.lastEventId === null && position !== null && isPosition(String(position))) this.lastEventId = String(position);
     this.degraded = Boolean(info.degraded);
     this._setStatus(status, info);
   }

@@ -147,7 +147,7 @@ export class TabGroup {
         if (!this.holding) client._deliver(message.event);
         return;
       case "status":
-        if (!this.holding) client._mirrorStatus(message.status, message.info || {}, message.position ?? null);
+        if (!this.holding) client._mirrorStatus(message.status, message.info || {});
         return;
       case "error":
         if (!this.holding) client._mirrorError(message.error || {});
@@ -158,7 +158,7 @@ export class TabGroup {
 
   _relayStatus() {
     const client = this.client;
-    this.relay("status", { status: client.status, info: { degraded: client.degraded }, position: client.lastEventId });
+    this.relay("status", { status: client.status, info: { degraded: client.degraded } });
   }
 
   /** Holder: forget tabs whose own lock is gone (crashed without a goodbye). */
