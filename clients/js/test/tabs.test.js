@@ -194,3 +194,19 @@ test("a 403 at the holder reaches the follower's refused subscription; a followe
   assert.deepEqual(got, [3, 4, 5, 6]);
   assert.equal(first.rt.lastEventId, "6", "the holder dropped the replay of 3..5 but kept 6");
 });
+
+test("getToken runs in the holding tab only; the stream carries the holder's token", async (t) => {
+  const server = await sseServer((req, res) => beginStream(res));
+  t.after(() => server.close());
+  const locks = lockManager();
+  const calls = [0, 0];
+  const tabs = [0, 1].map((i) => createClient({ url: server.url, backoff: fast, window: new EventTarget(),
+    navigator: { onLine: true, locks }, document: null, getToken: async () => { calls[i] += 1; return `token-${i}`; } }));
+  t.after(() => tabs.forEach((rt) => rt.close()));
+  tabs.forEach((rt, i) => rt.subscribe([`t/${i}`], () => {}));
+  await until(() => server.requests.at(-1)?.topics.length === 2 && tabs.every((rt) => rt.status === "open"), 3000, "open");
+  const h = tabs.findIndex((rt) => rt.role === "holder");
+  assert.equal(calls[1 - h], 0, "the follower never fetched a token");
+  assert.ok(calls[h] >= 1);
+  assert.equal(server.requests.at(-1).headers.authorization, `Bearer token-${h}`);
+});
