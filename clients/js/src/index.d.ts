@@ -67,10 +67,17 @@ export interface ClientOptions {
   /** Failed connections in a row after which `degraded` is true (aggregate queries poll). Default 3. */
   degradeAfter?: number;
   fetch?: typeof fetch;
+  /**
+   * Share one stream among the tabs of this origin that use the same `url` (default true where
+   * `navigator.locks` and `BroadcastChannel` exist; elsewhere each tab holds its own stream).
+   */
+  shareTabs?: boolean;
+  /** For tests: the BroadcastChannel constructor tabs talk over (default the global one). */
+  BroadcastChannel?: typeof BroadcastChannel;
   /** For tests and non-browser hosts: where `online`/`offline` and `visibilitychange` fire. */
   window?: EventTarget | null;
   document?: (EventTarget & { visibilityState?: string; hidden?: boolean }) | null;
-  navigator?: { onLine?: boolean } | null;
+  navigator?: { onLine?: boolean; locks?: LockManager } | null;
 }
 
 export interface SubscribeOptions {
@@ -103,6 +110,10 @@ export declare class PgsseClient {
   readonly degraded: boolean;
   readonly lastEventId: string | null;
   readonly topics: string[];
+  /** `holder`: this tab holds the shared stream; `follower`: another tab does; `solo`: not shared. */
+  readonly role: "holder" | "follower" | "solo";
+  /** This tab's own subscriptions' topics (`topics` is the union the stream carries). */
+  ownTopics(): string[];
   readonly stats: { connections: number; events: number; failures: number };
   subscribe<D = any>(
     topics: string | string[], handler: (event: PgsseEvent<D>) => void, options?: SubscribeOptions,
@@ -115,6 +126,7 @@ export declare class PgsseClient {
 }
 
 export declare function createClient(options?: ClientOptions): PgsseClient;
+export { canShareTabs } from "./tabs.js";
 
 export interface ParsedEvent {
   id: string | undefined;

@@ -10,12 +10,18 @@
 // every connection with `last_event_id`, so reconnects (network, 5xx, deploys, expired
 // tokens, paused tabs) lose nothing the server still retains. When it no longer does, the
 // server sends `reset` and the app refetches its state.
+//
+// Tabs: the tabs of one origin with a client for the same URL share one stream (tabs.js): one
+// tab holds it with every tab's topics, the others receive over BroadcastChannel. A page going
+// into the back/forward cache closes its stream (pagehide) and resumes from its last id when
+// restored (pageshow), so a busy dashboard is restored rather than reloaded.
 
 import { backoffCeiling, backoffDelay, DEFAULT_BACKOFF } from "./backoff.js";
 import { createParser } from "./parser.js";
 import { topicCovers, typeMatches } from "./match.js";
+import { canShareTabs, TabGroup } from "./tabs.js";
 
-export { backoffCeiling, backoffDelay, createParser, DEFAULT_BACKOFF, topicCovers, typeMatches };
+export { backoffCeiling, backoffDelay, canShareTabs, createParser, DEFAULT_BACKOFF, topicCovers, typeMatches };
 
 export const VERSION = "0.1.0";
 
@@ -44,6 +50,9 @@ export class PgsseClient {
     this.degradeAfter = options.degradeAfter ?? 3;
     this.fetchImpl = options.fetch || ((...args) => globalThis.fetch(...args));
     this.lastEventId = options.since === undefined || options.since === null ? null : String(options.since);
+    // Where the next connection resumes: the last id read from the stream, or further back when
+    // another tab must catch up (this tab still delivers each id once, by lastEventId).
+    this._cursor = this.lastEventId;
     this.status = "idle";
     /** True after `degradeAfter` failed connections in a row: aggregate queries poll. */
     this.degraded = false;
@@ -66,7 +75,27 @@ export class PgsseClient {
     this._offline = false;
     this._closed = false;
     this._started = false;
+    this._frozen = false;
+    this._share = null;
     this._cleanup = this._watchEnvironment(options);
+    if (options.shareTabs !== false && canShareTabs(options)) {
+      const nav = options.navigator ?? globalThis.navigator;
+      const doc = options.document ?? globalThis.document;
+      const here = globalThis.location?.href;
+      this._share = new TabGroup(this, {
+        name: here ? new URL(this.url || "/", here).href.replace(/\/+$/, "") : this.url,
+        locks: nav.locks,
+        BroadcastChannel: options.BroadcastChannel,
+        visible: () => !(doc && (doc.visibilityState === "hidden" || doc.hidden === true)),
+      });
+      this._share.join();
+    }
+  }
+
+  /** `holder`: this tab holds the stream for its origin's tabs; `follower`: another tab does; `solo`: not shared. */
+  get role() {
+    if (!this._share) return "solo";
+    return this._share.holding ? "holder" : "follower";
   }
 
   // --- public API -------------------------------------------------------------------------
@@ -104,10 +133,20 @@ export class PgsseClient {
     return () => this._listeners.get(name)?.delete(fn);
   }
 
-  /** The topics the connection carries: the union of all subscriptions, minus denied ones. */
+  /**
+   * The topics the connection carries: the union of all subscriptions (in the holding tab, of
+   * every tab's), minus denied ones.
+   */
   get topics() {
+    const set = new Set(this.ownTopics());
+    if (this._share?.holding) for (const t of this._share.peerTopics()) set.add(t);
+    return [...set].filter((t) => !this._denied.has(t)).sort();
+  }
+
+  /** This tab's own subscriptions' topics. */
+  ownTopics() {
     const set = new Set();
-    for (const sub of this._subs) for (const t of sub.topics) if (!this._denied.has(t)) set.add(t);
+    for (const sub of this._subs) for (const t of sub.topics) set.add(t);
     return [...set].sort();
   }
 
@@ -120,6 +159,8 @@ export class PgsseClient {
     if (this.lastEventId !== null || position === undefined || position === null) return;
     if (!isPosition(String(position))) return;
     this.lastEventId = String(position);
+    this._cursor = this.lastEventId;
+    if (this._share && !this._share.holding) return this._share.announce(this.lastEventId);
     if (this._conn && this.status === "connecting") this._connect();
   }
 
@@ -127,6 +168,7 @@ export class PgsseClient {
   reconnect() {
     if (this._closed) return;
     this._denied.clear();
+    if (this._share && !this._share.holding) return this._share.requestReconnect();
     this._clearTimer();
     this._abort();
     this._paused = false;
@@ -142,6 +184,7 @@ export class PgsseClient {
     clearTimeout(this._hiddenTimer);
     this._abort();
     this._cleanup();
+    this._share?.leave();
     this._setStatus("closed");
   }
 
@@ -172,6 +215,7 @@ export class PgsseClient {
 
   _sync() {
     if (this._closed) return;
+    if (this._share && !this._share.holding) return this._share.announce();
     const topics = this.topics;
     if (topics.length === 0) {
       this._clearTimer();
@@ -186,9 +230,10 @@ export class PgsseClient {
   }
 
   async _connect() {
+    if (this._share && !this._share.holding) return;
     this._clearTimer();
     this._abort();
-    if (this._closed || this._paused || this._offline) return;
+    if (this._closed || this._paused || this._offline || this._frozen) return;
     const gen = ++this._gen;
     const controller = new AbortController();
     const conn = { gen, controller, key: "", delivered: false, authExpired: false, retryMs: 0 };
@@ -220,7 +265,7 @@ export class PgsseClient {
     conn.topics = topics;
     const query = topics.map((t) => "topic=" + encodeURIComponent(t));
     query.push("envelope=1");
-    if (this.lastEventId !== null) query.push("last_event_id=" + encodeURIComponent(this.lastEventId));
+    if (this._cursor !== null) query.push("last_event_id=" + encodeURIComponent(this._cursor));
     const headers = { Accept: "text/event-stream" };
     if (token) headers.Authorization = "Bearer " + token;
     this._armWatchdog(conn);
@@ -325,12 +370,9 @@ export class PgsseClient {
       else if (type === "aggregate.invalidated" && typeof payload.aggregate === "string") topic = "aggregates/" + payload.aggregate;
     }
     const id = frame.id === undefined || frame.id === "" ? null : frame.id;
-    if (id !== null) {
-      if (type !== "reset" && this.lastEventId !== null && isPosition(id) && isPosition(this.lastEventId)
-          && BigInt(id) <= BigInt(this.lastEventId)) {
-        return; // already delivered (a proxy or a replica replayed it): exactly once
-      }
-      this.lastEventId = id;
+    if (id !== null && (type === "reset" || !isPosition(id) || !isPosition(this._cursor ?? "")
+        || BigInt(id) > BigInt(this._cursor))) {
+      this._cursor = id;
     }
     const event = { id, type, topic, data };
     if (type === "auth_expired") {
@@ -340,6 +382,25 @@ export class PgsseClient {
       this._abort();
       queueMicrotask(() => this._connect());
       return;
+    }
+    // The holding tab passes every event on (the other tabs drop what they already have).
+    this._share?.relay("event", { event });
+    this._deliver(event);
+  }
+
+  /** Deliver one event to this tab: each id once, in order; only this tab's topics. */
+  _deliver(event) {
+    const { id, type, topic } = event;
+    if (id !== null) {
+      if (type !== "reset" && this.lastEventId !== null && isPosition(id) && isPosition(this.lastEventId)
+          && BigInt(id) <= BigInt(this.lastEventId)) {
+        return; // already delivered (a proxy, a replica or another tab's catch-up replayed it): exactly once
+      }
+      this.lastEventId = id;
+    }
+    if (this._share && type !== "reset" && topic !== null
+        && ![...this._subs].some((sub) => sub.topics.some((t) => topicCovers(t, topic)))) {
+      return; // another tab's topic, on the shared stream
     }
     this.stats.events += 1;
     this._emit("event", event);
@@ -410,6 +471,8 @@ export class PgsseClient {
   }
 
   _emit(name, ...args) {
+    if (name === "status") this._share?.relay("status", { status: args[0], info: cloneable(args[1]) });
+    if (name === "error") this._share?.relay("error", { error: cloneable(args[0]) });
     const set = this._listeners.get(name);
     if (!set) return;
     for (const fn of [...set]) safely(fn, ...args);
@@ -419,7 +482,60 @@ export class PgsseClient {
     for (const sub of subs) if (sub.onError) safely(sub.onError, error);
   }
 
-  // --- page lifecycle: offline/online, hidden tabs ----------------------------------------
+  // --- tabs (tabs.js calls these) --------------------------------------------------------
+
+  /** This tab now holds the stream: connect from its last id with every tab's topics. */
+  _holdStream() {
+    if (this._closed) return;
+    this._cursor = this.lastEventId;
+    this._attempt = 0;
+    this._abort();
+    this._clearTimer();
+    this._scheduleSync();
+  }
+
+  /** A tab is behind `position`: reconnect from there if the stream is further on. */
+  _rewind(position) {
+    if (!isPosition(position)) return;
+    if (this._cursor !== null && isPosition(this._cursor) && BigInt(position) >= BigInt(this._cursor)) return;
+    this._cursor = position;
+    if (this._conn || this.status === "open") {
+      this._abort();
+      this._clearTimer();
+      this._scheduleSync();
+    }
+  }
+
+  /** The tabs' topics or visibility changed: follow the union; a visible tab wakes a paused stream. */
+  _peersChanged(visible) {
+    if (visible && this._paused) {
+      clearTimeout(this._hiddenTimer);
+      this._paused = false;
+      return this._resume();
+    }
+    this._scheduleSync();
+  }
+
+  /**
+   * The holding tab's status, in this tab. (A new tab keeps no position until its first event,
+   * as a client of its own would, so that seed() from a snapshot still replays for it.)
+   */
+  _mirrorStatus(status, info) {
+    if (this._closed) return;
+    this.degraded = Boolean(info.degraded);
+    this._setStatus(status, info);
+  }
+
+  /** An error the holding tab met; a 403 names the topics refused to this tab's subscriptions too. */
+  _mirrorError(error) {
+    if (error.status === 403 && Array.isArray(error.topics)) {
+      for (const t of error.topics) this._denied.add(t);
+      this._report([...this._subs].filter((s) => s.topics.some((t) => error.topics.includes(t))), error);
+    }
+    this._emit("error", error);
+  }
+
+  // --- page lifecycle: offline/online, hidden tabs, back/forward cache --------------------
 
   _watchEnvironment(options) {
     const win = options.window ?? (typeof window !== "undefined" ? window : null);
@@ -447,10 +563,12 @@ export class PgsseClient {
     const hideAfter = this.pauseWhenHiddenAfterMs;
     if (doc && hideAfter !== null && hideAfter !== false && Number.isFinite(hideAfter)) {
       const onVisibility = () => {
+        // The holder pauses only when no tab is visible: tell it about this one either way.
+        if (this._share && !this._share.holding) this._share.announce();
         if (doc.visibilityState === "hidden" || doc.hidden === true) {
           clearTimeout(this._hiddenTimer);
           this._hiddenTimer = setTimeout(() => {
-            if (this._closed) return;
+            if (this._closed || (this._share && (!this._share.holding || this._share.anyPeerVisible()))) return;
             this._paused = true;
             this._clearTimer();
             this._abort();
@@ -467,6 +585,24 @@ export class PgsseClient {
       };
       listen(doc, "visibilitychange", onVisibility);
     }
+    // Back/forward cache: Chromium evicts a page whose open stream keeps receiving while it is
+    // cached (NetworkExceedsBufferLimit), and a page holding a Web Lock or an open
+    // BroadcastChannel may not be cached at all. So pagehide closes the stream and leaves the
+    // tab group; pageshow (persisted: restored from the cache) reconnects at once from the last id.
+    listen(win, "pagehide", () => {
+      if (this._closed) return;
+      this._frozen = true;
+      this._clearTimer();
+      this._abort();
+      this._share?.leave();
+    });
+    listen(win, "pageshow", (event) => {
+      if (this._closed || !this._frozen || !event.persisted) return;
+      this._frozen = false;
+      this._attempt = 0;
+      if (this._share) return this._share.join();
+      this._resume();
+    });
     if (this._offline) this.status = "offline";
     return () => removers.forEach((remove) => remove());
   }
@@ -488,6 +624,16 @@ function grantOf(token) {
   } catch {
     return token;
   }
+}
+
+/** `value` as a message can carry it (errors reduced to their fields). */
+function cloneable(value) {
+  if (!value || typeof value !== "object") return value;
+  const out = {};
+  for (const [k, v] of Object.entries(value)) {
+    out[k] = v instanceof Error ? { name: v.name, message: v.message } : v;
+  }
+  return out;
 }
 
 function isEnvelope(value) {

@@ -37,22 +37,102 @@ export function hashKey(key) {
   });
 }
 
-/** A map value as a list of query keys: one key (`["bills"]`) or a list of keys. */
-export function toKeys(value) {
-  if (value === null || value === undefined || value === false) return [];
-  if (!Array.isArray(value)) throw new TypeError("an invalidation map value is a query key or a list of them");
-  if (value.length > 0 && value.every(Array.isArray)) return value;
-  return [value];
+// Map values (contract §11): a query key (`["bills"]`); a list whose items are query keys or
+// functions of the event returning a key or a list of keys (`[["bills"], (e) => ["bill", e.data.id]]`);
+// or a function of the event returning any of these (null or false: nothing this time). An array
+// whose first item is an array or a function is a list, any other array a key (TanStack keys
+// start with a name). What fits none of these is a TypeError: at connectQueryClient for what can
+// be seen then, when called for a function's return. (A list mixing keys and functions used to
+// be taken as one bogus key, silently: its queries were never invalidated.)
+
+const SHAPES = "a query key (an array), a list of query keys and/or functions of the event, or a function of the event";
+
+function describe(value) {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return "an array";
+  if (typeof value === "object") return "an object" + ("queryKey" in value ? " (filters, not a key: use its queryKey)" : "");
+  return typeof value === "undefined" ? "undefined (a missing return?)" : `a ${typeof value}`;
 }
 
-/** The query keys `map` names for `event` (exact types, `*` wildcards, functions of the event). */
-export function keysFor(map, event) {
+function isList(value) {
+  return value.length > 0 && (Array.isArray(value[0]) || typeof value[0] === "function");
+}
+
+function checkKey(key, where) {
+  const at = key.findIndex((part) => typeof part === "function");
+  if (at >= 0) throw new TypeError(`${where} is a query key holding a function at [${at}]; a function belongs in a list of keys and functions, e.g. [["a"], (e) => ["b", e.data.id]]`);
+}
+
+function checkList(list, where, functions) {
+  list.forEach((item, i) => {
+    if (Array.isArray(item)) checkKey(item, `${where}[${i}]`);
+    else if (typeof item !== "function" || !functions) {
+      throw new TypeError(`${where}[${i}] is ${describe(item)}; a list's items are query keys${functions ? " or functions of the event" : ""}`);
+    }
+  });
+}
+
+/** Throw a TypeError unless `value` is a map value; what functions return is checked when called. */
+export function checkMapValue(value, where = "an invalidation map value") {
+  if (typeof value === "function") return;
+  if (!Array.isArray(value)) throw new TypeError(`${where} is ${describe(value)}; it must be ${SHAPES}`);
+  if (isList(value)) checkList(value, where, true);
+  else checkKey(value, where);
+}
+
+/**
+ * A map value as query keys, calling its functions with `event`. `nested`: a list item's
+ * function returned `value`, which must be a key or a list of keys.
+ */
+function collect(value, event, where, nested = false) {
+  if (typeof value === "function") {
+    const result = value(event);
+    if (result === null || result === false) return [];
+    if (!Array.isArray(result)) {
+      throw new TypeError(`${where}: the function returned ${describe(result)}; it must return ${nested ? "a query key or a list of keys" : "a query key or a list of keys and/or functions"} (null or false for none)`);
+    }
+    return collect(result, event, `${where}: the function's return`, nested);
+  }
+  if (!Array.isArray(value)) throw new TypeError(`${where} is ${describe(value)}; it must be ${nested ? "a query key or a list of keys" : SHAPES}`);
+  if (!isList(value)) {
+    checkKey(value, where);
+    return [value];
+  }
+  checkList(value, where, !nested);
+  return value.flatMap((item, i) => (Array.isArray(item) ? [item] : collect(item, event, `${where}[${i}]`, true)));
+}
+
+/** A map value as a list of query keys: one key (`["bills"]`) or a list of keys; null/false: none. */
+export function toKeys(value, event = undefined) {
+  if (value === null || value === false) return [];
+  return collect(value, event, "an invalidation map value");
+}
+
+/**
+ * The query keys `map` names for `event` (exact types, `*` wildcards, functions of the event).
+ * A value that is not a map value throws a TypeError; with `onError`, it is reported there and
+ * the other values still apply.
+ */
+export function keysFor(map, event, onError = null) {
   const keys = [];
   for (const [pattern, value] of Object.entries(map || {})) {
     if (!typeMatches(pattern, event.type)) continue;
-    keys.push(...toKeys(typeof value === "function" ? value(event) : value));
+    try {
+      keys.push(...collect(value, event, `map[${JSON.stringify(pattern)}]`));
+    } catch (error) {
+      if (!onError || !(error instanceof TypeError)) throw error;
+      onError(error, event);
+    }
   }
   return keys;
+}
+
+/** Throw a TypeError unless `map` is an object of map values. */
+export function checkMap(map) {
+  if (map === null || typeof map !== "object" || Array.isArray(map)) {
+    throw new TypeError(`connectQueryClient: map is ${describe(map)}; it must be an object of event type → ${SHAPES}`);
+  }
+  for (const [pattern, value] of Object.entries(map)) checkMapValue(value, `connectQueryClient: map[${JSON.stringify(pattern)}]`);
 }
 
 /** The key prefix of one aggregate's queries (all parameter sets). */
@@ -67,7 +147,8 @@ export function aggregateKey(name, params) {
  * Returns the function that stops it.
  */
 export function connectQueryClient(rt, queryClient, options = {}) {
-  const { topics = [], map = {}, onReset, batchMs = 50 } = options;
+  const { topics = [], map = {}, onReset, batchMs = 50, onError = reportError } = options;
+  checkMap(map);
   const reg = registry(rt);
   const pending = new Map();
   let everything = false;
@@ -100,7 +181,7 @@ export function connectQueryClient(rt, queryClient, options = {}) {
     }
     const keys = event.type === "aggregate.invalidated" && event.data && typeof event.data.aggregate === "string"
       ? [aggregateKey(event.data.aggregate)] : [];
-    keys.push(...keysFor(map, event));
+    keys.push(...keysFor(map, event, onError));
     for (const key of keys) pending.set(hashKey(key), key);
     if (keys.length) schedule();
   };
@@ -122,6 +203,11 @@ export function connectQueryClient(rt, queryClient, options = {}) {
     for (const off of offs) off();
     for (const off of watching.values()) off();
   };
+}
+
+function reportError(error) {
+  if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+  else setTimeout(() => { throw error; });
 }
 
 function queryString(params) {

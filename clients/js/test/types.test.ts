@@ -34,3 +34,15 @@ export function Badge(): string {
   useSubscription(rt, "orders", (e) => console.log(e.type));
   return useConnectionStatus(rt);
 }
+
+// The seed 000 map: a key and a function of the event in one list.
+const seedMap: InvalidationMap = {
+  "session.status.changed": [["sessions"], (e: PgsseEvent<{ sessionId: number }>) => ["sessions", { id: e.data.sessionId }]],
+  "session.*": (e) => (e.data ? [["sessions"], () => [["x"], ["y"]]] : null),
+};
+connectQueryClient(rt, queryClient, { map: seedMap, onError: (error: TypeError) => console.error(error.message) });
+
+const shared = createClient({ url: "https://rt.example.com", shareTabs: false });
+const role: "holder" | "follower" | "solo" = shared.role;
+const mine: string[] = shared.ownTopics();
+void role; void mine;
