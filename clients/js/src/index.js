@@ -13,9 +13,9 @@
 
 import { backoffCeiling, backoffDelay, DEFAULT_BACKOFF } from "./backoff.js";
 import { createParser } from "./parser.js";
-import { topicCovers, typeMatches } from "./match.js";
+import { eventReaches, topicCovers, typeMatches } from "./match.js";
 
-export { backoffCeiling, backoffDelay, createParser, DEFAULT_BACKOFF, topicCovers, typeMatches };
+export { backoffCeiling, backoffDelay, createParser, DEFAULT_BACKOFF, eventReaches, topicCovers, typeMatches };
 
 export const VERSION = "0.1.0";
 
@@ -347,7 +347,7 @@ export class PgsseClient {
     for (const sub of [...this._subs]) {
       if (!this._subs.has(sub)) continue;
       if (type !== "reset") {
-        if (topic !== null && !sub.topics.some((t) => topicCovers(t, topic))) continue;
+        if (topic !== null && !sub.topics.some((t) => eventReaches(t, topic, type, data))) continue;
         if (sub.types && !sub.types.some((p) => typeMatches(p, type))) continue;
       }
       safely(sub.handler, event);
