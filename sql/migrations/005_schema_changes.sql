@@ -16,7 +16,7 @@
 --   feed and serve every aggregate reading that table as unwatched from that position on;
 --   streams never receive it (no topic is ''), and GET /events/<position> does not show it.
 -- * Event triggers need a superuser: a role without it migrates all the same (a WARNING says
---   so) and keeps the allow-list; renames and drops then need realtime.watch() called again.
+--   so) and keeps the allow-list; a superuser then runs realtime.track_schema_changes() once.
 
 SELECT pg_advisory_xact_lock(7013170583926);  -- no sequencing batch runs while we migrate
 
@@ -316,17 +316,34 @@ BEGIN
 END
 $$;
 
+-- Installs the two event triggers (a superuser only; the migration calls it when it runs as
+-- one). A deployment migrated by a non-superuser has a superuser run it once, later:
+--     SELECT realtime.track_schema_changes();
+-- The trigger functions then belong to that superuser (they are SECURITY DEFINER).
+CREATE FUNCTION realtime.track_schema_changes() RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RAISE EXCEPTION 'realtime.track_schema_changes() needs a superuser: PostgreSQL lets only superusers create event triggers'
+            USING ERRCODE = '42501';
+    END IF;
+    EXECUTE format('ALTER FUNCTION realtime.on_alter_table_v5() OWNER TO %I', current_user);
+    EXECUTE format('ALTER FUNCTION realtime.on_sql_drop_v5() OWNER TO %I', current_user);
+    DROP EVENT TRIGGER IF EXISTS pgsse_watch_alter;
+    DROP EVENT TRIGGER IF EXISTS pgsse_watch_drop;
+    CREATE EVENT TRIGGER pgsse_watch_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+        EXECUTE FUNCTION realtime.on_alter_table_v5();
+    CREATE EVENT TRIGGER pgsse_watch_drop ON sql_drop
+        EXECUTE FUNCTION realtime.on_sql_drop_v5();
+END
+$$;
+
 DO $$
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        DROP EVENT TRIGGER IF EXISTS pgsse_watch_alter;
-        DROP EVENT TRIGGER IF EXISTS pgsse_watch_drop;
-        CREATE EVENT TRIGGER pgsse_watch_alter ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
-            EXECUTE FUNCTION realtime.on_alter_table_v5();
-        CREATE EVENT TRIGGER pgsse_watch_drop ON sql_drop
-            EXECUTE FUNCTION realtime.on_sql_drop_v5();
+        PERFORM realtime.track_schema_changes();
     ELSE
-        RAISE WARNING 'pgsse: % is not a superuser, so no event triggers were created: after renaming or dropping a watched table''s columns, call realtime.watch() again (the columns allow-list holds regardless)', current_user;
+        RAISE WARNING 'pgsse: % is not a superuser, so no event triggers were created: renamed key columns and dropped tables are not followed until a superuser runs SELECT realtime.track_schema_changes() (the columns allow-list holds regardless)', current_user;
     END IF;
 END
 $$;
