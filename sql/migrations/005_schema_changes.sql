@@ -23,7 +23,8 @@ SELECT pg_advisory_xact_lock(7013170583926);  -- no sequencing batch runs while 
 ALTER TABLE realtime.watches
     ADD COLUMN IF NOT EXISTS tbl_name       text,      -- schema.table, as last seen
     ADD COLUMN IF NOT EXISTS key_attnum     smallint,  -- key_column, by identity
-    ADD COLUMN IF NOT EXISTS column_attnums smallint[]; -- columns, by identity
+    ADD COLUMN IF NOT EXISTS column_attnums smallint[], -- columns, by identity
+    ADD COLUMN IF NOT EXISTS hidden         text[];    -- what the triggers remove (see below)
 
 -- Watches of tables dropped before this migration (finding 7): their rows go.
 DELETE FROM realtime.watches w WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = w.tbl);
@@ -35,22 +36,38 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- TG_ARGV of the version-3 capture triggers: topic, key column ('' for none), the columns
--- `row`/`old` may carry (a text[] literal; '' for all of them).
+-- removed from `row`/`old` as of the last install (a text[] literal), and the columns they
+-- may carry (a text[] literal; '' for all). Removing the hidden columns is cheap (one jsonb
+-- operator); what is left is checked against the allow-list with another one, and only if
+-- something unlisted is left (a column added or renamed since, with no event trigger to
+-- re-install the watch) is the row rebuilt from the allowed keys (realtime.allowed_v5).
+-- Measured (single-row statements, 6 columns, 3 listed, a loaded 2-core machine): within
+-- the noise of version 2 (insert median 95 vs 79 us/statement, minima 40 vs 67); calling
+-- allowed_v5 on every row instead measured 139 vs 93 us per insert, 175 vs 70 per update.
 
 CREATE FUNCTION realtime.capture_insert_v3() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    hidden text[];
+    allowed text[];
 BEGIN
-    IF TG_ARGV[1] = '' AND TG_ARGV[2] = '' THEN
+    IF TG_ARGV[1] = '' AND TG_ARGV[3] = '' THEN
         INSERT INTO realtime.changes (tbl, type, op, topic, data)
         SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_TABLE_NAME || '.insert', 'insert',
                TG_ARGV[0], to_jsonb(pgsse_n.*)
         FROM pgsse_new pgsse_n;
     ELSE
+        IF TG_ARGV[3] <> '' THEN
+            hidden := TG_ARGV[2]::text[];
+            allowed := TG_ARGV[3]::text[];
+        END IF;
         INSERT INTO realtime.changes (tbl, type, op, topic, data)
         SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_TABLE_NAME || '.insert', 'insert',
                CASE WHEN TG_ARGV[1] = '' THEN TG_ARGV[0]
                     ELSE realtime.key_topic_v2(TG_ARGV[0], r ->> TG_ARGV[1]) END,
-               CASE WHEN TG_ARGV[2] = '' THEN r ELSE realtime.allowed_v5(r, TG_ARGV[2]::text[]) END
+               CASE WHEN allowed IS NULL THEN r
+                    WHEN (r - hidden) - allowed = '{}' THEN r - hidden
+                    ELSE realtime.allowed_v5(r, allowed) END
         FROM (SELECT to_jsonb(pgsse_n.*) AS r FROM pgsse_new pgsse_n) s;
     END IF;
     IF FOUND AND pg_sequence_last_value('realtime.wakeup') = 1 THEN
@@ -62,12 +79,21 @@ $$;
 
 CREATE FUNCTION realtime.capture_delete_v3() RETURNS trigger
 LANGUAGE plpgsql AS $$
+DECLARE
+    hidden text[];
+    allowed text[];
 BEGIN
+    IF TG_ARGV[3] <> '' THEN
+        hidden := TG_ARGV[2]::text[];
+        allowed := TG_ARGV[3]::text[];
+    END IF;
     INSERT INTO realtime.changes (tbl, type, op, topic, data)
     SELECT TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_TABLE_NAME || '.delete', 'delete',
            CASE WHEN TG_ARGV[1] = '' THEN TG_ARGV[0]
                 ELSE realtime.key_topic_v2(TG_ARGV[0], r ->> TG_ARGV[1]) END,
-           CASE WHEN TG_ARGV[2] = '' THEN r ELSE realtime.allowed_v5(r, TG_ARGV[2]::text[]) END
+           CASE WHEN allowed IS NULL THEN r
+                WHEN (r - hidden) - allowed = '{}' THEN r - hidden
+                ELSE realtime.allowed_v5(r, allowed) END
     FROM (SELECT to_jsonb(pgsse_o.*) AS r FROM pgsse_old pgsse_o) s;
     IF FOUND AND pg_sequence_last_value('realtime.wakeup') = 1 THEN
         PERFORM pg_notify('realtime_wakeup', '');
@@ -88,9 +114,13 @@ BEGIN
         topic := realtime.key_topic_v2(TG_ARGV[0], r ->> TG_ARGV[1]);
         old_topic := NULLIF(realtime.key_topic_v2(TG_ARGV[0], o ->> TG_ARGV[1]), topic);
     END IF;
-    IF TG_ARGV[2] <> '' THEN
-        r := realtime.allowed_v5(r, TG_ARGV[2]::text[]);
-        o := realtime.allowed_v5(o, TG_ARGV[2]::text[]);
+    IF TG_ARGV[3] <> '' THEN
+        r := r - TG_ARGV[2]::text[];
+        o := o - TG_ARGV[2]::text[];
+        IF r - TG_ARGV[3]::text[] <> '{}' OR o - TG_ARGV[3]::text[] <> '{}' THEN
+            r := realtime.allowed_v5(r, TG_ARGV[3]::text[]);
+            o := realtime.allowed_v5(o, TG_ARGV[3]::text[]);
+        END IF;
     END IF;
     INSERT INTO realtime.changes (tbl, type, op, topic, old_topic, data, old)
     VALUES (TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, TG_TABLE_NAME || '.update', 'update',
@@ -120,23 +150,32 @@ BEGIN
 END
 $$;
 
--- (Re)installs the four capture triggers of `rel` with these names.
+-- (Re)installs the four capture triggers of `rel` with these names; returns the columns the
+-- triggers remove (the table's other columns now), which realtime.watches keeps.
 CREATE FUNCTION realtime.install_capture_v5(rel regclass, base_topic text, key_name text,
-                                            column_names text[]) RETURNS void
+                                            column_names text[]) RETURNS text[]
 LANGUAGE plpgsql AS $$
 DECLARE
     op text;
     args text;
+    hidden text[] := '{}';
 BEGIN
+    IF column_names IS NOT NULL THEN
+        SELECT COALESCE(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO hidden
+        FROM pg_attribute a
+        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+          AND NOT a.attname::text = ANY (column_names);
+    END IF;
     FOREACH op IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'pgsse_capture_' || op, rel);
     END LOOP;
-    args := format('%L, %L, %L', base_topic, COALESCE(key_name, ''),
+    args := format('%L, %L, %L, %L', base_topic, COALESCE(key_name, ''), hidden::text,
                    COALESCE(column_names::text, ''));
     EXECUTE format('CREATE TRIGGER pgsse_capture_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS pgsse_new FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_insert_v3(%s)', rel, args);
     EXECUTE format('CREATE TRIGGER pgsse_capture_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION realtime.capture_update_v3(%s)', rel, args);
     EXECUTE format('CREATE TRIGGER pgsse_capture_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS pgsse_old FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_delete_v3(%s)', rel, args);
     EXECUTE format('CREATE TRIGGER pgsse_capture_truncate AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION realtime.capture_truncate_v2(%s)', rel, args);
+    RETURN hidden;
 END
 $$;
 
@@ -177,6 +216,7 @@ DECLARE
     all_columns text[];
     key_number smallint;
     numbers smallint[];
+    hidden text[];
 BEGIN
     SELECT c.relname INTO rel_name FROM pg_class c WHERE c.oid = tbl;
     IF NOT realtime.safe_name(rel_name) THEN
@@ -204,16 +244,17 @@ BEGIN
         WHERE a.attrelid = tbl AND a.attname = ANY (columns) AND NOT a.attisdropped;
     END IF;
 
-    PERFORM realtime.install_capture_v5(tbl, base_topic, key_column, columns);
+    hidden := realtime.install_capture_v5(tbl, base_topic, key_column, columns);
     INSERT INTO realtime.watches AS w (tbl, topic, key_column, columns, key_columns, tbl_name,
-                                       key_attnum, column_attnums)
+                                       key_attnum, column_attnums, hidden)
     VALUES (tbl, base_topic, key_column, columns,
             CASE WHEN key_column IS NOT NULL THEN ARRAY[key_column] ELSE realtime.primary_key_v5(tbl) END,
-            realtime.table_name_v5(tbl), key_number, numbers)
+            realtime.table_name_v5(tbl), key_number, numbers, hidden)
     ON CONFLICT ON CONSTRAINT watches_pkey DO UPDATE SET
         topic = EXCLUDED.topic, key_column = EXCLUDED.key_column, columns = EXCLUDED.columns,
         key_columns = EXCLUDED.key_columns, tbl_name = EXCLUDED.tbl_name,
-        key_attnum = EXCLUDED.key_attnum, column_attnums = EXCLUDED.column_attnums;
+        key_attnum = EXCLUDED.key_attnum, column_attnums = EXCLUDED.column_attnums,
+        hidden = EXCLUDED.hidden;
 END
 $$;
 
@@ -228,6 +269,7 @@ DECLARE
     key_name text;
     column_names text[];
     numbers smallint[];
+    hidden_now text[] := '{}';
     pk text[] := realtime.primary_key_v5(rel);
 BEGIN
     SELECT * INTO w FROM realtime.watches x WHERE x.tbl = rel;
@@ -249,17 +291,24 @@ BEGIN
         FROM pg_attribute a
         WHERE a.attrelid = rel AND a.attnum = ANY (w.column_attnums) AND NOT a.attisdropped;
     END IF;
-    IF key_name IS DISTINCT FROM w.key_column OR column_names IS DISTINCT FROM w.columns THEN
-        PERFORM realtime.install_capture_v5(rel, w.topic, key_name, column_names);
+    IF column_names IS NOT NULL THEN  -- a column added since: removed cheaply (see capture)
+        SELECT COALESCE(array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO hidden_now
+        FROM pg_attribute a
+        WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+          AND NOT a.attname::text = ANY (column_names);
     END IF;
     IF key_name IS DISTINCT FROM w.key_column OR column_names IS DISTINCT FROM w.columns
-       OR current_name IS DISTINCT FROM w.tbl_name
+       OR hidden_now IS DISTINCT FROM w.hidden THEN
+        hidden_now := realtime.install_capture_v5(rel, w.topic, key_name, column_names);
+    END IF;
+    IF key_name IS DISTINCT FROM w.key_column OR column_names IS DISTINCT FROM w.columns
+       OR hidden_now IS DISTINCT FROM w.hidden OR current_name IS DISTINCT FROM w.tbl_name
        OR w.key_columns IS DISTINCT FROM (CASE WHEN key_name IS NOT NULL THEN ARRAY[key_name] ELSE pk END) THEN
         UPDATE realtime.watches x SET
             key_column = key_name, columns = column_names, column_attnums = numbers,
             key_attnum = CASE WHEN key_name IS NULL THEN NULL ELSE w.key_attnum END,
             key_columns = CASE WHEN key_name IS NOT NULL THEN ARRAY[key_name] ELSE pk END,
-            tbl_name = current_name
+            tbl_name = current_name, hidden = hidden_now
         WHERE x.tbl = rel;
     END IF;
     IF w.tbl_name IS NOT NULL AND current_name IS DISTINCT FROM w.tbl_name THEN
