@@ -16,7 +16,10 @@ Protocol:
   query, and no ``aggregate.invalidated`` is sent for it. Start-up logs a warning naming the
   tables; ``realtime.watch`` on them makes the aggregate free again. We chose this over
   watching them automatically: pgsse never adds triggers (a cost for every writer) to a
-  table behind its owner's back.
+  table behind its owner's back. A table stops being watched at a position: unwatch, DROP
+  TABLE and a rename leave a marker in the feed (``catalog.UNWATCHED_MARKER``, no stream gets
+  it); from it on, the aggregates reading that table are served as unwatched, until the
+  table's next captured change (it is watched again) restores versions and free 304s.
 - Results are cached (LRU, bounded in bytes) under the ETag they were computed for;
   concurrent misses for one key and ETag share one query (single flight). ``meta.position``
   is the hub position taken before the query ran: every event at or before it is in ``data``.
