@@ -54,6 +54,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "postgres_restart": chaos_guards.postgres_restart,
     "connection_churn": chaos_guards.churn,
     "schema_changes": chaos_schema.schema_changes,  # issue 19
+    "unwatch_cached_aggregate": chaos_schema.unwatch_cached_aggregate,  # issue 19
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

@@ -14,11 +14,20 @@ which is exactly what streams ship).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import asyncpg
 
-from .chaos_infra import publish_end, service_on_fresh_db, wait_clients
+from .chaos_infra import (
+    RESULTS,
+    Service,
+    last_position,
+    publish_end,
+    service_on_fresh_db,
+    wait_clients,
+    wait_until,
+)
 from .chaos_scenarios import (
     Baseline,
     Result,
@@ -151,3 +160,98 @@ async def schema_changes(run: Run) -> Result:
     if len(truncates) != 1 or result.figures["truncate_received"] != len(clients):
         failures.append(f"TRUNCATE reached {result.figures['truncate_received']} of {len(clients)} clients")
     return result.judge(failures)
+
+
+# --- unwatch with a cached aggregate ------------------------------------------------------
+
+TOTAL_SQL = """-- Sum of a table that gets unwatched.
+-- cache: public, max-age=5
+SELECT sum(v) AS total FROM public.chaos_agg
+"""
+
+
+async def unwatch_cached_aggregate(run: Run) -> Result:
+    """An aggregate answered from memory (304s, cached 200s) while its table is unwatched,
+    written to, watched again: after each commit, once the service has read past it, every
+    answer must show the committed sum (no stale 304, no stale cached 200); after watching
+    again, 304s must be free again (no query)."""
+    n_rounds = 20 if run.quick else 50
+    result = Result("unwatch_cached_aggregate", f"cached aggregate; unwatch, {n_rounds} commits "
+                    "each checked by 304 and 200, watch again")
+    directory = RESULTS / "tmp" / "unwatch_aggregates"
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.sql"):
+        stale.unlink()
+    env = {"AGGREGATES_DIR": str(directory)}
+    async with service_on_fresh_db(run.pg, result.scenario, env) as (service, conn):
+        await conn.execute("CREATE TABLE public.chaos_agg (id serial PRIMARY KEY, v int)")
+        await conn.execute("GRANT SELECT ON public.chaos_agg TO pgsse_reader")
+        await conn.execute("SELECT realtime.watch('public.chaos_agg')")
+        await conn.execute("INSERT INTO chaos_agg (v) VALUES (50)")
+        (directory / "chaos_total.sql").write_text(TOTAL_SQL)
+        service.stop()  # the aggregate's table exists now: start again with the file
+        service.start()
+        await service.wait_ready()
+        base = Baseline(service)
+        path = "/aggregates/chaos_total"
+
+        async def caught_up() -> None:
+            target = await last_position(conn)
+            await wait_until(lambda: _at(service, target), 20, 0.01)
+
+        async def total_now() -> int:
+            value: int = await conn.fetchval("SELECT sum(v) FROM chaos_agg")
+            return value
+
+        async def queries() -> float:
+            return await service.metric(
+                'pgsse_aggregate_query_duration_seconds_count{aggregate="chaos_total"}')
+
+        await caught_up()
+        first = await service.get(path)
+        etag = first.headers.get("etag", "")
+        free_before = [(await service.get(path, {"If-None-Match": etag})).status for _ in range(20)]
+        await conn.execute("SELECT realtime.unwatch('public.chaos_agg')")
+        stale_304 = stale_200 = checked = 0
+        for i in range(n_rounds):
+            await conn.execute("INSERT INTO chaos_agg (v) VALUES ($1)", 1000 if i == 0 else 1)
+            await caught_up()  # the unwatch marker at least; rows have no event any more
+            want = await total_now()
+            conditional = await service.get(path, {"If-None-Match": etag})
+            if conditional.status == 304:
+                stale_304 += 1
+            plain = await service.get(path)
+            if json.loads(plain.body)["data"] != [{"total": want}]:
+                stale_200 += 1
+            checked += 1
+        await conn.execute("SELECT realtime.watch('public.chaos_agg')")
+        await conn.execute("INSERT INTO chaos_agg (v) VALUES (2)")
+        await caught_up()
+        again = await service.get(path)
+        ran = await queries()
+        free_after = [(await service.get(path, {"If-None-Match": again.headers.get("etag", "")})).status
+                      for _ in range(20)]
+        result.figures.update(
+            answers_checked=checked, stale_304=stale_304, stale_200=stale_200,
+            free_304_before=free_before.count(304), free_304_after_rewatch=free_after.count(304),
+            queries_for_304s_after_rewatch=await queries() - ran,
+            fresh_after_rewatch=json.loads(again.body)["data"] == [{"total": await total_now()}])
+        await base.deltas(result)
+    result.no_stream()
+    failures = []
+    if stale_304 or stale_200:
+        failures.append(f"{stale_304} stale 304s and {stale_200} stale 200s of {checked} checks")
+    if result.figures["free_304_before"] != 20 or result.figures["free_304_after_rewatch"] != 20:
+        failures.append("304s were not free before the unwatch or after watching again")
+    if result.figures["queries_for_304s_after_rewatch"]:
+        failures.append("304s after watching again ran queries")
+    if not result.figures["fresh_after_rewatch"]:
+        failures.append("stale answer after watching again")
+    return result.judge(failures)
+
+
+async def _at(service: Service, target: int) -> bool:
+    try:
+        return int((await service.stats())["position"]) >= target
+    except (OSError, TimeoutError, ValueError, KeyError):
+        return False
