@@ -370,3 +370,63 @@ async def test_a_non_superuser_migrates_and_a_superuser_adds_tracking_later() ->
         await app.close()
     finally:
         server.cleanup()
+
+
+# -- upgrading watches made before migration 005 --------------------------------------------
+
+async def test_migration_005_upgrades_existing_watches_in_place(pg_url: str) -> None:
+    """Watches made by 001–004 are re-installed: an added column stops leaking, a listed
+    column renamed before the upgrade is left out (the old capture did not follow it), a key
+    column renamed before it leaves the watch unkeyed (a WARNING says so), and the row of a
+    table dropped before it goes."""
+    from pgsse import db
+    from pgsse.queries import query
+    from pgsse.settings import SQL_DIR
+
+    from tests.conftest import _with_database
+
+    name = "up5_" + uuid.uuid4().hex[:12]
+    admin = await asyncpg.connect(pg_url)
+    await admin.execute(f"CREATE DATABASE {name}")
+    await admin.close()
+    conn = await asyncpg.connect(_with_database(pg_url, name))
+    try:
+        await conn.execute(query("migrations_table"))
+        for file in ("001_realtime.sql", "002_safe_history.sql", "003_lean_capture.sql",
+                     "004_reader_role_set.sql"):
+            await conn.execute((SQL_DIR / "migrations" / file).read_text())
+            await conn.execute(query("record_migration"), file)
+        await conn.execute("CREATE TABLE users (id int PRIMARY KEY, name text, password text)")
+        await conn.execute("SELECT realtime.watch('users', columns => ARRAY['id', 'name', 'password'])")
+        await conn.execute("CREATE TABLE orders (id int PRIMARY KEY, store_id int)")
+        await conn.execute("SELECT realtime.watch('orders', 'orders', 'store_id')")
+        await conn.execute("CREATE TABLE gone (id int PRIMARY KEY)")
+        await conn.execute("SELECT realtime.watch('gone')")
+        await conn.execute("DROP TABLE gone")
+        await conn.execute("ALTER TABLE users ADD COLUMN ssn text")
+        await conn.execute("ALTER TABLE users RENAME COLUMN password TO pw")
+        await conn.execute("ALTER TABLE orders RENAME COLUMN store_id TO shop_id")
+        warnings: list[str] = []
+        conn.add_log_listener(lambda _c, message: warnings.append(str(message)))
+        assert await db.migrate(conn) == ["005_schema_changes.sql"]
+        assert any("shop_id" not in w and "store_id" in w and "unkeyed" in w for w in warnings)
+        watches = {r["tbl"]: r for r in await conn.fetch(
+            "SELECT tbl::text AS tbl, key_column, columns FROM realtime.watches")}
+        assert set(watches) == {"users", "orders"}
+        assert watches["users"]["columns"] == ["id", "name"] and watches["orders"]["key_column"] is None
+        await conn.execute("INSERT INTO users VALUES (1, 'u', 'hunter2', '078-05-1120')")
+        await conn.execute("INSERT INTO orders VALUES (1, 1)")
+        while await conn.fetchval("SELECT realtime.sequence_v3()"):
+            pass
+        got = [(list(r["topics"]), json.loads(r["payload"])["row"])
+               for r in await conn.fetch(query("read_events"), 0, 100) if r["position"]]
+        assert got == [(["users"], {"id": 1, "name": "u"}), (["orders"], {"id": 1, "shop_id": 1})]
+        # From here on the watch follows renames (this database's migrating role is a superuser).
+        await conn.execute("ALTER TABLE users RENAME COLUMN name TO full_name")
+        assert await conn.fetchval("SELECT columns FROM realtime.watches WHERE tbl = 'users'::regclass") == [
+            "id", "full_name"]
+    finally:
+        await conn.close()
+        admin = await asyncpg.connect(pg_url)
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
