@@ -16,7 +16,10 @@ Protocol:
   query, and no ``aggregate.invalidated`` is sent for it. Start-up logs a warning naming the
   tables; ``realtime.watch`` on them makes the aggregate free again. We chose this over
   watching them automatically: pgsse never adds triggers (a cost for every writer) to a
-  table behind its owner's back.
+  table behind its owner's back. A table stops being watched at a position: unwatch, DROP
+  TABLE and a rename leave a marker in the feed (``catalog.UNWATCHED_MARKER``, no stream gets
+  it); from it on, the aggregates reading that table are served as unwatched, until the
+  table's next captured change (it is watched again) restores versions and free 304s.
 - Results are cached (LRU, bounded in bytes) under the ETag they were computed for;
   concurrent misses for one key and ETag share one query (single flight). ``meta.position``
   is the hub position taken before the query ran: every event at or before it is in ``data``.
@@ -95,6 +98,10 @@ class Aggregates:
         self.deps = deps
         self.items = {spec.name: Aggregate(spec) for spec in catalog.load_files(settings)}
         self.versions: dict[str, int] = {}
+        # Tables not watched as of the position processed: at start-up, those realtime.watches
+        # lacks; then each unwatch marker adds its table, and the table's next change (it is
+        # captured again) takes it out. An aggregate reading one is served as unwatched.
+        self.unwatched_tables: set[str] = set()
         self.by_table: dict[str, list[Aggregate]] = {}
         self.cache = ResultCache(settings.aggregate_cache_bytes)
         self.flights: SingleFlight[Entry] = SingleFlight()
@@ -119,8 +126,11 @@ class Aggregates:
         for row in rows:
             self._bump(row["tbl"], row["position"])
         self._bump(catalog.EVENTS_TABLE, state.hub.position)
+        # (Markers the feed handed over meanwhile are kept: the union errs on "unwatched".)
+        self.unwatched_tables |= {t for a in self.items.values() for t in a.tables
+                                  if t not in watched}
         for aggregate in self.items.values():
-            aggregate.unwatched = tuple(t for t in aggregate.tables if t not in watched)
+            aggregate.unwatched = tuple(t for t in aggregate.tables if t in self.unwatched_tables)
             if aggregate.unwatched:
                 log.warning("aggregate reads tables nobody watches: its ETag comes from its result",
                             extra={"event": "aggregate_unwatched", "aggregate": aggregate.name,
@@ -145,7 +155,17 @@ class Aggregates:
         """Called with every batch, after the hub fanned it out: versions, invalidations."""
         if not events:
             return
-        touched = {event.table: event.position for event in events if event.table is not None}
+        touched: dict[str, int] = {}
+        unwatched = self.unwatched_tables
+        for event in events:
+            table = event.table
+            if table is None:
+                continue
+            if event.type == catalog.UNWATCHED_MARKER:
+                self._set_watched(table, False)
+            elif table in unwatched:
+                self._set_watched(table, True)
+            touched[table] = event.position
         touched[catalog.EVENTS_TABLE] = events[-1].position
         invalidated: dict[str, None] = {}
         for table, position in touched.items():
@@ -155,6 +175,18 @@ class Aggregates:
         if self.ready:
             for name in invalidated:
                 self.deps.hub.publish_transient(invalidation(name))
+
+    def _set_watched(self, table: str, watched: bool) -> None:
+        """From this position on, ``table`` is (not) watched: its aggregates' ETags come from
+        versions (free 304s) or from results (never stale once its changes go uncaptured)."""
+        if watched:
+            self.unwatched_tables.discard(table)
+        else:
+            self.unwatched_tables.add(table)
+            log.info("table unwatched: aggregates reading it are served from their results",
+                     extra={"event": "aggregate_table_unwatched", "table": table})
+        for aggregate in self.by_table.get(table, ()):
+            aggregate.unwatched = tuple(t for t in aggregate.tables if t in self.unwatched_tables)
 
     def on_resume(self, sub: Subscription, position: int) -> list[Transient]:
         """One ``aggregate.invalidated`` per subscribed aggregate whose tables changed since."""

@@ -30,6 +30,9 @@ TOTAL_COLUMN = "__pgsse_total"
 # The events table is not watched, yet every event is a row in it: its version is the
 # latest position (pruning does not count; ``event_types.sql`` has a ttl for that).
 EVENTS_TABLE = "realtime.events"
+# The feed's marker of a table that stopped being watched (``realtime.unwatch``, DROP TABLE,
+# the old name of a renamed table; migration 005): it carries the table and a position.
+UNWATCHED_MARKER = "pgsse.unwatched"
 
 
 

@@ -192,10 +192,8 @@ class History:
                 break
             event = self.decoder.decode(row)
             upto = event.position
-            for key, _ in event.keys:
-                if key in wanted:
-                    frames.append(event.frame_for(sub))
-                    break
+            if event.reaches(wanted):
+                frames.append(event.frame_for(sub))
         if len(rows) < self.batch:
             upto = until  # the whole range was read
         return HistoryRead(frames, upto, False)

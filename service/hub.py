@@ -140,6 +140,9 @@ class Event:
     size: int = 0
     chunk: bytes = b""   # ``frame`` as an HTTP chunk, for streams written directly
     _enveloped: list[bytes | None] | None = None
+    # A TRUNCATE: addressed to its topic *and every topic below it* (``big/7`` hears that
+    # ``big`` was emptied, though a subscription otherwise only receives its topic and below).
+    subtree: bool = False
 
     @classmethod
     def build(
@@ -153,7 +156,16 @@ class Event:
         chunk = http_chunk(frame)
         # What the replay window really holds for this event, not just its frame.
         size = len(frame) + len(chunk) + len(data) + _EVENT_OVERHEAD + keys_size
-        return cls(position, topics, type_, frame, created_at, table, keys, data, size, chunk)
+        subtree = table is not None and type_.endswith(".truncate")
+        return cls(position, topics, type_, frame, created_at, table, keys, data, size, chunk,
+                   subtree=subtree)
+
+    def reaches(self, wanted: frozenset[str]) -> bool:
+        """Whether a stream subscribed to ``wanted`` receives this event."""
+        for key, _ in self.keys:
+            if key in wanted:
+                return True
+        return self.subtree and any(covers(topic, t) for topic in self.topics for t in wanted)
 
     def enveloped(self, index: int) -> bytes:
         """The frame with ``data: {"topic": T, "data": D}`` (``envelope=1``), made once."""
@@ -376,6 +388,8 @@ class Hub:
         self.recent_limit = recent_bytes
         self.subscriptions: set[Subscription] = set()
         self._index: dict[str, set[Subscription]] = {}
+        # Subscriptions by each *proper* prefix of their topics: who a TRUNCATE reaches below.
+        self._below: dict[str, set[Subscription]] = {}
         self._tick = 0
         self.draining = False
 
@@ -387,6 +401,8 @@ class Hub:
         self.subscriptions.add(sub)
         for topic in sub.topics:
             self._index.setdefault(topic, set()).add(sub)
+            for prefix in prefixes(topic)[:-1]:
+                self._below.setdefault(prefix, set()).add(sub)
         metrics.CONNECTED_CLIENTS.set(len(self.subscriptions))
         return self.position
 
@@ -398,6 +414,12 @@ class Hub:
                 subs.discard(sub)
                 if not subs:
                     del self._index[topic]
+            for prefix in prefixes(topic)[:-1]:
+                below = self._below.get(prefix)
+                if below is not None:
+                    below.discard(sub)
+                    if not below:
+                        del self._below[prefix]
         metrics.CONNECTED_CLIENTS.set(len(self.subscriptions))
 
     def topic_count(self) -> int:
@@ -430,10 +452,26 @@ class Hub:
                     sub.push_event(event)
                     if sub.pending_bytes >= sub.chunk_bytes:
                         sub.flush()
+            if event.subtree:
+                self._fanout_below(event, tick, touched)
         for sub in touched:
             if sub.pending:
                 sub.flush()
         metrics.FANOUT_DURATION.observe(time.perf_counter() - started)
+
+    def _fanout_below(self, event: Event, tick: int, touched: list[Subscription]) -> None:
+        """``fanout`` of a subtree event to the streams subscribed below its topics."""
+        for topic in event.topics:
+            for sub in self._below.get(topic, ()):
+                if sub.mark == tick or sub.state is not SubState.LIVE or sub.cursor >= event.position:
+                    continue
+                sub.mark = tick
+                sub.cursor = event.position
+                if not sub.pending:
+                    touched.append(sub)
+                sub.push_event(event)
+                if sub.pending_bytes >= sub.chunk_bytes:
+                    sub.flush()
 
     def _remember(self, event: Event) -> None:
         if event.position > self.position:
@@ -479,12 +517,10 @@ class Hub:
             if event.position > until or size >= max_bytes:
                 break
             upto = event.position
-            for key, _ in event.keys:
-                if key in wanted:
-                    frame = event.frame_for(sub)
-                    frames.append(frame)
-                    size += len(frame)
-                    break
+            if event.reaches(wanted):
+                frame = event.frame_for(sub)
+                frames.append(frame)
+                size += len(frame)
         return frames, upto
 
     def publish_transient(self, transient: Transient) -> None:

@@ -170,3 +170,29 @@ def test_frames_never_carry_a_cr_or_lf_inside_a_field() -> None:
     assert [line for line in lines if line.startswith(b"id: ")] == [b"id: 7"]
     assert forged.frame.count(b"\n\n") == 1 and forged.frame.endswith(b"\n\n")
     assert b"\r" not in forged.frame
+
+
+async def test_a_truncate_reaches_streams_below_its_topic_once_and_only_those() -> None:
+    """Issue #19: a table's TRUNCATE (type ``<table>.truncate``) is addressed to its topic and
+    every topic below it, live and from the shared log; an unsubscribed stream leaves no
+    trace in the index."""
+    hub = Hub()
+    keyed, keyed_socket = live(hub, "big/7", "big/7/lines")
+    deep, deep_socket = live(hub, "big/7/lines/3")
+    bare, bare_socket = live(hub, "big")
+    other, other_socket = live(hub, "bigger", "other/big")
+    gone, _ = live(hub, "big/9")
+    hub.unsubscribe(gone)
+    truncate = Event.build(1, ("big",), "big.truncate", b'{"op":"truncate"}', 0.0, "public.big")
+    insert = Event.build(2, ("big",), "big.insert", b'{"op":"insert"}', 0.0, "public.big")
+    custom = Event.build(3, ("big",), "x.truncate", b"{}", 0.0, None)  # publish(): no table
+    hub.fanout([truncate, insert, custom])
+    assert keyed_socket.ids() == [1] and deep_socket.ids() == [1]
+    assert bare_socket.ids() == [1, 2, 3] and other_socket.ids() == []
+    assert gone not in hub._below.get("big", set()) and "big/9" not in hub._index
+    reader = Subscription(("big/7",), 0, 1e18)
+    got = hub.read_recent(0, 3, reader, 1 << 20)
+    assert got is not None and [f.split(b"\n")[0] for f in got[0]] == [b"id: 1"]
+    hub.unsubscribe(keyed)
+    hub.unsubscribe(deep)
+    assert set(hub._below) == {"other"}

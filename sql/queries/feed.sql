@@ -54,7 +54,7 @@ SELECT p.position,
 FROM realtime.events p
 CROSS JOIN LATERAL (SELECT * FROM realtime.changes c
                     WHERE c.xid = p.xid AND c.id = p.id OFFSET 0) c
-WHERE p.position = $1
+WHERE p.position = $1 AND c.topic <> ''  -- '': an internal marker (migration 005), no event
 
 -- name: register_reader
 -- This process's listener has read up to $2: automatic pruning keeps what is after it.

@@ -144,4 +144,6 @@ export declare const DEFAULT_BACKOFF: Readonly<Required<BackoffOptions>>;
 export declare function backoffCeiling(attempt: number, options: { initialMs: number; maxMs: number }): number;
 export declare function backoffDelay(attempt: number, floorMs?: number, options?: BackoffOptions): number;
 export declare function topicCovers(topic: string, eventTopic: string): boolean;
+/** `topicCovers`, or a table's TRUNCATE reaching a subscription below its topic. */
+export declare function eventReaches(topic: string, eventTopic: string, type: string, data: unknown): boolean;
 export declare function typeMatches(pattern: string, type: string): boolean;

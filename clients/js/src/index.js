@@ -18,10 +18,10 @@
 
 import { backoffCeiling, backoffDelay, DEFAULT_BACKOFF } from "./backoff.js";
 import { createParser } from "./parser.js";
-import { topicCovers, typeMatches } from "./match.js";
+import { eventReaches, topicCovers, typeMatches } from "./match.js";
 import { canShareTabs, TabGroup } from "./tabs.js";
 
-export { backoffCeiling, backoffDelay, canShareTabs, createParser, DEFAULT_BACKOFF, topicCovers, typeMatches };
+export { backoffCeiling, backoffDelay, canShareTabs, createParser, DEFAULT_BACKOFF, eventReaches, topicCovers, typeMatches };
 
 export const VERSION = "0.1.0";
 
@@ -390,7 +390,7 @@ export class PgsseClient {
 
   /** Deliver one event to this tab: each id once, in order; only this tab's topics. */
   _deliver(event) {
-    const { id, type, topic } = event;
+    const { id, type, topic, data } = event;
     if (id !== null) {
       if (type !== "reset" && this.lastEventId !== null && isPosition(id) && isPosition(this.lastEventId)
           && BigInt(id) <= BigInt(this.lastEventId)) {
@@ -399,7 +399,7 @@ export class PgsseClient {
       this.lastEventId = id;
     }
     if (this._share && type !== "reset" && topic !== null
-        && ![...this._subs].some((sub) => sub.topics.some((t) => topicCovers(t, topic)))) {
+        && ![...this._subs].some((sub) => sub.topics.some((t) => eventReaches(t, topic, type, data)))) {
       return; // another tab's topic, on the shared stream
     }
     this.stats.events += 1;
@@ -408,7 +408,7 @@ export class PgsseClient {
     for (const sub of [...this._subs]) {
       if (!this._subs.has(sub)) continue;
       if (type !== "reset") {
-        if (topic !== null && !sub.topics.some((t) => topicCovers(t, topic))) continue;
+        if (topic !== null && !sub.topics.some((t) => eventReaches(t, topic, type, data))) continue;
         if (sub.types && !sub.types.some((p) => typeMatches(p, type))) continue;
       }
       safely(sub.handler, event);

@@ -1,1 +1,1 @@
-export { topicCovers, typeMatches } from "./index.js";
+export { eventReaches, topicCovers, typeMatches } from "./index.js";

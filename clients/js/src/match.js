@@ -10,6 +10,22 @@ export function topicCovers(topic, eventTopic) {
   return eventTopic === topic || eventTopic.startsWith(topic + "/");
 }
 
+/**
+ * Whether a subscription to `topic` receives an event of type `type` on `eventTopic` with
+ * `data`: `topicCovers`, and a watched table's TRUNCATE (`<table>.truncate`, data `op` is
+ * "truncate") also reaches every subscription *below* its topic (`big/7` hears that `big`
+ * was emptied), as the server delivers it.
+ * @param {string} topic
+ * @param {string} eventTopic
+ * @param {string} type
+ * @param {unknown} data
+ */
+export function eventReaches(topic, eventTopic, type, data) {
+  if (topicCovers(topic, eventTopic)) return true;
+  return type.endsWith(".truncate") && data !== null && typeof data === "object"
+    && /** @type {{op?: unknown}} */ (data).op === "truncate" && topicCovers(eventTopic, topic);
+}
+
 const patternCache = new Map();
 
 /**

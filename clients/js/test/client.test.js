@@ -73,6 +73,25 @@ test("events reach the subscriptions whose topics and type filters match, once e
   assert.equal(rt.lastEventId, "3", "aggregate.invalidated (no id) never moves the position");
 });
 
+test("a TRUNCATE on a keyed table's topic reaches the subscriptions below it", async (t) => {
+  let stream;
+  const server = await sseServer((req, res) => { beginStream(res); stream = res; });
+  t.after(() => server.close());
+  const rt = createClient({ url: server.url });
+  t.after(() => rt.close());
+  const seven = [];
+  const other = [];
+  rt.subscribe(["big/7"], (e) => seven.push(e.type));
+  rt.subscribe(["bigger/7"], (e) => other.push(e.type));
+  await until(() => stream, 3000, "stream");
+  stream.write(frame({ id: 1, type: "big.insert", topic: "big/8", data: { op: "insert" } }));
+  stream.write(frame({ id: 2, type: "big.truncate", topic: "big", data: { op: "truncate", table: "public.big" } }));
+  stream.write(frame({ id: 3, type: "bigger.insert", topic: "bigger/7", data: { op: "insert" } }));
+  await until(() => other.length === 1, 3000, "bigger");
+  assert.deepEqual(seven, ["big.truncate"]);
+  assert.deepEqual(other, ["bigger.insert"]);
+});
+
 test("reset goes to the app and to every subscription; the client continues from its id", async (t) => {
   const server = await sseServer((req, res, n) => {
     beginStream(res, 10);

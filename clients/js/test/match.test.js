@@ -1,7 +1,7 @@
 // Topic coverage (segment by segment) and event-type wildcards.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { topicCovers, typeMatches } from "../src/match.js";
+import { eventReaches, topicCovers, typeMatches } from "../src/match.js";
 
 test("a topic covers itself and topics below it, segment by segment", () => {
   assert.ok(topicCovers("orders", "orders"));
@@ -10,6 +10,17 @@ test("a topic covers itself and topics below it, segment by segment", () => {
   assert.ok(!topicCovers("orders/4", "orders/42"));
   assert.ok(!topicCovers("orders", "ordersx"));
   assert.ok(!topicCovers("orders/42", "orders"));
+});
+
+test("a table's TRUNCATE reaches subscriptions below its topic; nothing else does", () => {
+  const truncate = { op: "truncate", table: "public.big", topic: "big", row: null };
+  assert.ok(eventReaches("big/7", "big", "big.truncate", truncate));
+  assert.ok(eventReaches("big", "big", "big.truncate", truncate));
+  assert.ok(!eventReaches("bigger", "big", "big.truncate", truncate));
+  assert.ok(!eventReaches("big/7", "big", "big.insert", { op: "insert" }));
+  assert.ok(!eventReaches("big/7", "big", "x.truncate", { op: "insert" }));
+  assert.ok(!eventReaches("big/7", "big", "x.truncate", null));
+  assert.ok(eventReaches("big", "big/7", "big.insert", {}));
 });
 
 test("type patterns: exact, *, and * inside", () => {
