@@ -15,7 +15,8 @@ Loss is judged per client against what PostgreSQL committed (``realtime.events``
 before any prune): a committed position a client never received is *lost* unless an
 ``event: reset`` covering it arrived before the stream moved past it. Scenarios and what
 passing means are in ``bench/chaos_scenarios.py`` (1–4),
-``bench/chaos_faults.py`` (5–10) and ``bench/chaos_guards.py`` (11).
+``bench/chaos_faults.py`` (5–10), ``bench/chaos_guards.py`` (11) and
+``bench/chaos_roles.py`` (the service's role read-only; pruning under a role timeout).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import chaos_faults, chaos_guards, chaos_infra, chaos_scenarios
+from . import chaos_faults, chaos_guards, chaos_infra, chaos_roles, chaos_scenarios
 from .chaos_infra import RESULTS, Postgres, log, raise_nofile
 from .chaos_scenarios import Result, Run
 from .loadclient import install_uvloop
@@ -52,6 +53,9 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "refused_logins": chaos_guards.refused_logins,
     "postgres_restart": chaos_guards.postgres_restart,
     "connection_churn": chaos_guards.churn,
+    # issue 19
+    "read_only_role": chaos_roles.read_only_role,
+    "prune_role_timeout": chaos_roles.prune_role_timeout,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

@@ -145,6 +145,32 @@ async def test_a_read_only_role_fails_readiness_backs_off_and_loses_nothing(
     assert metric(server, "pgsse_sequencer_can_number") == 1
 
 
+async def test_a_service_started_on_a_read_only_role_serves_and_says_why(
+        start_server: Start, conn: asyncpg.Connection, database: str) -> None:
+    """Started read-only (a failover left DATABASE_URL on a read-only node): not a start-up
+    failure when every migration is applied; 503 naming the sequencer until it can write."""
+    role, url = await service_role(conn, database)
+    await conn.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+    server = start_server(url=url, wait_ready=False)
+
+    def unready_naming_the_sequencer() -> bool:
+        assert server.proc is not None and server.proc.poll() is None, server.logs()[-2000:]
+        try:
+            answer = readyz(server)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 503 and "read-only" in answer.json()["checks"]["sequencer"]
+
+    await eventually(unready_naming_the_sequencer, timeout=20, what="503 naming the sequencer")
+    await conn.execute(f"ALTER ROLE {role} RESET default_transaction_read_only")
+    server.wait_ready(30)
+    stream = await open_stream(server.url + "/events", params={"topic": "late"},
+                               until=lambda s: len(s.events) >= 1, timeout=20)
+    await publish(conn, "late", 7)
+    got = await asyncio.wait_for(stream, 30)
+    assert ticks(got) == [7]
+
+
 # --- pruning under a role statement_timeout -----------------------------------------------
 
 RETAINED = 300_000
