@@ -90,6 +90,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 REPLAY_BATCH = 1000
 
+# A pruning step cancelled by the role's or database's statement_timeout (or lock_timeout,
+# waiting for a row someone holds): not a lost connection.
+PRUNE_CANCELLED: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError,
+)
+
 
 async def pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
     """The feed's one wait: until ``stop`` (or ``wake``) is set, or ``seconds`` pass."""
@@ -501,11 +507,11 @@ class Sequencer:
         are a quarter of the size."""
         try:
             more = await self._prune_steps(conn)
-        except asyncpg.QueryCanceledError as exc:
+        except PRUNE_CANCELLED as exc:
             metrics.HISTORY_PRUNE_TIMEOUTS.inc()
             more = self.prune_batch > PRUNE_BATCH_LEAST  # else: wait for the next round
             self.prune_batch = max(PRUNE_BATCH_LEAST, self.prune_batch // 4)
-            log.warning("history prune step cancelled (statement timeout); smaller steps next",
+            log.warning("history prune step cancelled (a timeout); smaller steps next",
                         extra={"event": "history_prune_timeout", "error": str(exc),
                                "batch": self.prune_batch})
         await self.record_history_stats(conn)
@@ -542,8 +548,8 @@ class Sequencer:
     async def record_history_stats(self, conn: asyncpg.Connection) -> None:
         try:
             row = await conn.fetchrow(query("history_stats"))
-        except asyncpg.QueryCanceledError:
-            return  # a statement timeout: the gauges keep their last values until next time
+        except PRUNE_CANCELLED:
+            return  # a timeout: the gauges keep their last values until next time
         assert row is not None
         metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)
         metrics.HISTORY_ROWS.set(max(0.0, row["rows"] or 0))
