@@ -133,7 +133,10 @@ async def prune_role_timeout(run: Run) -> Result:
                 return value is not None and value >= head
             await wait_until(registered, 20, 0.1)
             await conn.execute(f"ALTER ROLE {SERVICE_ROLE} SET statement_timeout = '100ms'")
+            ended = sequencer_losses(service)
             await terminate_backends(conn)
+            # The sequencer notices its ended session (one loss, ours) before counting starts.
+            await wait_until(lambda: sequencer_losses(service) > ended, 10, 0.05)
             await service.wait_ready(30)
             base = Baseline(service)
             seq0 = sequencer_losses(service)

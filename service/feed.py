@@ -70,7 +70,9 @@ REGISTER_EVERY_SECONDS = 2.0
 
 # Pruning runs between numbering batches, in steps of positions, one statement (and one
 # transaction) each. A step aims at PRUNE_STEP_SECONDS, far below any sane statement_timeout;
-# the size adapts (halved when slow, quartered when cancelled, doubled when quick). A turn
+# the size adapts (halved when slow, doubled when quick; when cancelled, quartered and never
+# again grown past half the size that was cancelled: on a loaded machine step times vary, and
+# a size near the timeout would be cancelled again and again). A turn
 # prunes for about PRUNE_SLICE_SECONDS, then numbering goes on; while more is due the next
 # turn comes PRUNE_AGAIN_SECONDS later, not PRUNE_EVERY_SECONDS.
 PRUNE_STEP_SECONDS = 0.05
@@ -400,6 +402,7 @@ class Sequencer:
         # found its session writable) again; None: it can.
         self.failure: str | None = None
         self.prune_batch = PRUNE_BATCH_FIRST
+        self.prune_batch_most = PRUNE_BATCH_MOST
         self._wake = asyncio.Event()
 
     def _on_wakeup(self, *_args: Any) -> None:
@@ -510,6 +513,7 @@ class Sequencer:
         except PRUNE_CANCELLED as exc:
             metrics.HISTORY_PRUNE_TIMEOUTS.inc()
             more = self.prune_batch > PRUNE_BATCH_LEAST  # else: wait for the next round
+            self.prune_batch_most = max(PRUNE_BATCH_LEAST, self.prune_batch // 2)
             self.prune_batch = max(PRUNE_BATCH_LEAST, self.prune_batch // 4)
             log.warning("history prune step cancelled (a timeout); smaller steps next",
                         extra={"event": "history_prune_timeout", "error": str(exc),
@@ -533,7 +537,7 @@ class Sequencer:
                 removed += row["removed"]
                 metrics.HISTORY_PRUNED.inc(row["removed"])
                 if took < PRUNE_STEP_SECONDS / 2:
-                    self.prune_batch = min(PRUNE_BATCH_MOST, self.prune_batch * 2)
+                    self.prune_batch = min(self.prune_batch_most, self.prune_batch * 2)
                 elif took > PRUNE_STEP_SECONDS * 2:
                     self.prune_batch = max(PRUNE_BATCH_LEAST, self.prune_batch // 2)
                 if row["pruned_through"] >= target:
