@@ -16,7 +16,8 @@ before any prune): a committed position a client never received is *lost* unless
 ``event: reset`` covering it arrived before the stream moved past it. Scenarios and what
 passing means are in ``bench/chaos_scenarios.py`` (1–4),
 ``bench/chaos_faults.py`` (5–10), ``bench/chaos_guards.py`` (11) and
-``bench/chaos_schema.py`` (schema changes, issue 19).
+``bench/chaos_schema.py`` (schema changes, issue 19),
+``bench/chaos_roles.py`` (the service's role read-only; pruning under a role timeout).
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import chaos_faults, chaos_guards, chaos_infra, chaos_scenarios, chaos_schema
+from . import (
+    chaos_faults,
+    chaos_guards,
+    chaos_infra,
+    chaos_roles,
+    chaos_scenarios,
+    chaos_schema,
+)
 from .chaos_infra import RESULTS, Postgres, log, raise_nofile
 from .chaos_scenarios import Result, Run
 from .loadclient import install_uvloop
@@ -55,6 +63,9 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "connection_churn": chaos_guards.churn,
     "schema_changes": chaos_schema.schema_changes,  # issue 19
     "unwatch_cached_aggregate": chaos_schema.unwatch_cached_aggregate,  # issue 19
+    # issue 19
+    "read_only_role": chaos_roles.read_only_role,
+    "prune_role_timeout": chaos_roles.prune_role_timeout,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

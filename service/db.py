@@ -79,7 +79,8 @@ async def wait_for_pool(url: str, stop: asyncio.Event | None = None, **kwargs: A
 
 
 class MigrationError(RuntimeError):
-    """The package ships no migrations (a broken install): nothing would be created."""
+    """The package ships no migrations (a broken install): nothing would be created; or
+    migrations are pending on a read-only database."""
 
 
 class Database:
@@ -126,9 +127,15 @@ async def migrate(conn: Connection) -> list[str]:
     if not files:
         raise MigrationError(f"no migration files under {SQL_DIR / 'migrations'}: the pgsse "
                              "installation is incomplete (its SQL is package data)")
-    applied = []
+    applied: list[str] = []
     async with conn.transaction():
         await conn.execute(query("take_lock"), Lock.MIGRATE)
+        if await conn.fetchval(query("read_only_session")):
+            # issue 19: a read-only node or role (a failover that left DATABASE_URL on a
+            # standby) is not a start-up failure when there is nothing to apply: the service
+            # starts, and /readyz names the sequencer that cannot number until it can.
+            await _check_applied_read_only(conn, files)
+            return applied
         await conn.execute(query("migrations_table"))
         done = {row["name"] for row in await conn.fetch(query("applied_migrations"))}
         for path in files:
@@ -138,3 +145,17 @@ async def migrate(conn: Connection) -> list[str]:
             await conn.execute(query("record_migration"), path.name)
             applied.append(path.name)
     return applied
+
+
+async def _check_applied_read_only(conn: Connection, files: list[Path]) -> None:
+    """On a read-only session: every migration must already be applied, else a clear error."""
+    applied: set[str] = set()
+    if await conn.fetchval(query("migrations_recorded")):
+        applied = {row["name"] for row in await conn.fetch(query("applied_migrations"))}
+    pending = [path.name for path in files if path.name not in applied]
+    if pending:
+        raise MigrationError(f"the database is read-only (a standby, or "
+                             f"default_transaction_read_only) and migrations are pending: "
+                             f"{', '.join(pending)}")
+    log.warning("the database is read-only: nothing to migrate, and nothing will be numbered "
+                "until it is writable", extra={"event": "database_read_only"})

@@ -25,6 +25,16 @@ reads the pruned watermark in the same statement: a gap becomes ``reset``, never
 Both loops use ``dedicated`` (their own connection, closed or terminated on the way out),
 ``pause`` (the one wait: stop, a wake-up, or a timeout) and ``log_loss`` (a lost connection is
 a warning; anything else is a bug with a traceback, and the loop reconnects all the same).
+Each backs off on repeated failures and resets its backoff only once its loop has really
+worked (the listener: a read *and* its reader registration; the sequencer: a numbering
+batch), never after a mere connect or LISTEN: a read-only database accepts both and then
+refuses every write, which once made the listener reconnect 261 times in 30 s. Until then
+each says why in ``failure``, and ``/readyz`` answers 503 naming it.
+
+The sequencer asks ``realtime.sequencing_blocked()`` before it leads (and on every poll as a
+follower): on a read-only node or session, or without privileges, it does not lead but fails
+with the reason. It prunes in bounded steps (``prune``), and a step cancelled by a statement
+timeout is logged and retried smaller, never taken for a lost connection.
 """
 
 from __future__ import annotations
@@ -58,6 +68,20 @@ BUSY_BATCH = 50  # rows per batch above which the sequencer polls 4x less often
 
 REGISTER_EVERY_SECONDS = 2.0
 
+# Pruning runs between numbering batches, in steps of positions, one statement (and one
+# transaction) each. A step aims at PRUNE_STEP_SECONDS, far below any sane statement_timeout;
+# the size adapts (halved when slow, doubled when quick; when cancelled, quartered and never
+# again grown past half the size that was cancelled: on a loaded machine step times vary, and
+# a size near the timeout would be cancelled again and again). A turn
+# prunes for about PRUNE_SLICE_SECONDS, then numbering goes on; while more is due the next
+# turn comes PRUNE_AGAIN_SECONDS later, not PRUNE_EVERY_SECONDS.
+PRUNE_STEP_SECONDS = 0.05
+PRUNE_SLICE_SECONDS = 0.2
+PRUNE_AGAIN_SECONDS = 0.3
+PRUNE_BATCH_FIRST = 5000
+PRUNE_BATCH_LEAST = 100
+PRUNE_BATCH_MOST = 50_000
+
 # What a lost or killed feed connection raises (asyncpg raises InternalClientError when a
 # backend is killed mid-query). These mean "reconnect and catch up"; anything else is a bug,
 # logged with its traceback (and the feed still reconnects: it must not stay down).
@@ -67,6 +91,12 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 REPLAY_BATCH = 1000
+
+# A pruning step cancelled by the role's or database's statement_timeout (or lock_timeout,
+# waiting for a row someone holds): not a lost connection.
+PRUNE_CANCELLED: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError,
+)
 
 
 async def pause(stop: asyncio.Event, seconds: float, wake: asyncio.Event | None = None) -> None:
@@ -107,6 +137,17 @@ class Backoff:
         delay = self.delay * random.uniform(0.5, 1.5)
         self.delay = min(self.delay * 2, self.most)
         await pause(stop, delay)
+
+
+def describe(exc: BaseException) -> str:
+    """A failure, short enough for ``/readyz``."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+class SequencingBlocked(Exception):
+    """This session cannot number changes (a read-only node or session, missing
+    privileges): the sequencer backs off and tries again on a new connection."""
 
 
 def log_loss(exc: BaseException, what: str, event: str) -> None:
@@ -218,6 +259,8 @@ class Listener:
         self.behind_since: float | None = None
         self.name = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
         self.registered_at = 0.0
+        # Why the loop last failed, until it has really worked again (None: working).
+        self.failure: str | None = None
         self._wake = asyncio.Event()
         self.started = asyncio.Event()
         # Called with each batch after the hub has it (aggregates track table versions).
@@ -267,13 +310,17 @@ class Listener:
                         log.info("change feed reconnected",
                                  extra={"event": "feed_reconnected", "cursor": self.cursor})
                     first = False
-                    backoff.reset()
                     self.started.set()
+                    self.registered_at = 0.0  # register at once: it proves we can write
                     while not stop.is_set():
                         # Cleared before reading, never after: a NOTIFY that lands while a
                         # read is in flight (too late for its snapshot) must wake the next.
                         self._wake.clear()
                         await self.catch_up(conn)
+                        # Read and registered: only now does the loop work (LISTEN alone
+                        # succeeds on a read-only database).
+                        self.failure = None
+                        backoff.reset()
                         await pause(stop, SAFETY_POLL_SECONDS, self._wake)
                         if conn.is_closed():
                             raise asyncpg.InterfaceError("feed connection closed")
@@ -282,6 +329,7 @@ class Listener:
                     break
                 if self.connected:
                     metrics.FEED_RECONNECTS.inc()
+                self.failure = describe(exc)
                 log_loss(exc, "change feed", "feed")
                 await backoff.sleep(stop)
             finally:
@@ -348,39 +396,63 @@ class Sequencer:
         self.settings = settings
         self.url = url
         self.leader = False
+        # Why this process's sequencer cannot number, until it has numbered (or, following,
+        # found its session writable) again; None: it can.
+        self.failure: str | None = None
+        self.prune_batch = PRUNE_BATCH_FIRST
+        self.prune_batch_most = PRUNE_BATCH_MOST
         self._wake = asyncio.Event()
 
     def _on_wakeup(self, *_args: Any) -> None:
         self._wake.set()
 
+    def _working(self, backoff: Backoff) -> None:
+        """The loop has really worked: a batch numbered, or, following, a writable session."""
+        if self.failure is not None:
+            log.info("sequencer can number again", extra={"event": "sequencer_recovered"})
+            self.failure = None
+        backoff.reset()
+        metrics.SEQUENCER_CAN_NUMBER.set(1)
+
     async def run(self, stop: asyncio.Event) -> None:
         backoff = Backoff(0.5, 5.0)
+        metrics.HISTORY_RETENTION.set(self.settings.history_retention_seconds)
         while not stop.is_set():
             try:
                 async with dedicated(self.url, "pgsse-sequencer") as conn:
                     while not stop.is_set():
+                        blocked = await conn.fetchval(query("sequencing_blocked"))
+                        if blocked is not None:
+                            raise SequencingBlocked(blocked)
                         if await conn.fetchval(query("try_lead"), Lock.SEQUENCER_LEADER):
                             break
+                        self._working(backoff)  # following, on a session that could lead
                         await pause(stop, random.uniform(0.5, 1.5))
                     if stop.is_set():
                         break
                     self.leader = True
                     metrics.SEQUENCER_LEADER.set(1)
                     log.info("sequencer elected", extra={"event": "sequencer_leader"})
-                    backoff.reset()
                     await conn.add_listener("realtime_wakeup", self._on_wakeup)
-                    await self.lead(conn, stop)
+                    await self.lead(conn, stop, backoff)
             except Exception as exc:  # the loop must outlive any failure: reconnect
                 if stop.is_set():
                     break
-                log_loss(exc, "sequencer connection", "sequencer")
+                self.failure = describe(exc)
+                metrics.SEQUENCER_CAN_NUMBER.set(0)
+                metrics.SEQUENCER_RECONNECTS.inc()
+                if isinstance(exc, SequencingBlocked):
+                    log.warning("sequencer cannot number", extra={
+                        "event": "sequencer_blocked", "error": str(exc)})
+                else:
+                    log_loss(exc, "sequencer connection", "sequencer")
                 await backoff.sleep(stop)
             finally:
                 self.leader = False
                 metrics.SEQUENCER_LEADER.set(0)
         log.info("sequencer stopped", extra={"event": "sequencer_stopped"})
 
-    async def lead(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
+    async def lead(self, conn: asyncpg.Connection, stop: asyncio.Event, backoff: Backoff) -> None:
         mode = self.settings.wakeup
         poll = self.settings.poll_interval_seconds
         await conn.execute(query("set_wake_writers"), mode != "poll")
@@ -392,6 +464,7 @@ class Sequencer:
             # batch is numbered (too late for its snapshot) must wake the next one.
             self._wake.clear()
             moved = await conn.fetchval(query("sequence"), BATCH)
+            self._working(backoff)
             now = time.monotonic()
             if moved:
                 metrics.EVENTS_SEQUENCED.inc(moved)
@@ -401,8 +474,8 @@ class Sequencer:
             elif idle_since is None:
                 idle_since = now
             if now >= next_prune:
-                next_prune = now + PRUNE_EVERY_SECONDS
-                await self.prune(conn)
+                more = await self.prune(conn)
+                next_prune = time.monotonic() + (PRUNE_AGAIN_SECONDS if more else PRUNE_EVERY_SECONDS)
             # Each batch has a fixed cost (its commit above all): under a heavy write load,
             # poll less often so batches grow; under a light one stay quick for latency.
             wait = poll * 4 if moved >= BUSY_BATCH else poll
@@ -425,13 +498,60 @@ class Sequencer:
             await pause(stop, IDLE_POLL_SECONDS if mode == "auto" else SAFETY_POLL_SECONDS,
                         self._wake)
 
-    async def prune(self, conn: asyncpg.Connection) -> None:
+    async def prune(self, conn: asyncpg.Connection) -> bool:
+        """Prune history past ``HISTORY_RETENTION`` for about ``PRUNE_SLICE_SECONDS``, in
+        steps of at most ``prune_batch`` positions; True when more is due.
+
+        Each step is one statement and one transaction: its rows go and ``pruned_through``
+        rises together, so readers still get ``reset``, never a silent gap. A step cancelled
+        by a statement timeout is not a lost connection: logged, counted, and the next steps
+        are a quarter of the size."""
+        try:
+            more = await self._prune_steps(conn)
+        except PRUNE_CANCELLED as exc:
+            metrics.HISTORY_PRUNE_TIMEOUTS.inc()
+            more = self.prune_batch > PRUNE_BATCH_LEAST  # else: wait for the next round
+            self.prune_batch_most = max(PRUNE_BATCH_LEAST, self.prune_batch // 2)
+            self.prune_batch = max(PRUNE_BATCH_LEAST, self.prune_batch // 4)
+            log.warning("history prune step cancelled (a timeout); smaller steps next",
+                        extra={"event": "history_prune_timeout", "error": str(exc),
+                               "batch": self.prune_batch})
+        await self.record_history_stats(conn)
+        return more
+
+    async def _prune_steps(self, conn: asyncpg.Connection) -> bool:
         retention = self.settings.history_retention_seconds
-        removed = await conn.fetchval(query("prune_retained"), retention)
-        if removed:
-            metrics.HISTORY_PRUNED.inc(removed)
-            log.info("history pruned", extra={"event": "history_pruned", "removed": removed})
-        row = await conn.fetchrow(query("history_stats"))
+        target = await conn.fetchval(query("prune_target"), retention)
+        if target is None:
+            return False
+        removed = 0
+        until = time.monotonic() + PRUNE_SLICE_SECONDS
+        try:
+            while True:
+                began = time.monotonic()
+                row = await conn.fetchrow(query("prune_step"), target, self.prune_batch)
+                took = time.monotonic() - began
+                assert row is not None
+                removed += row["removed"]
+                metrics.HISTORY_PRUNED.inc(row["removed"])
+                if took < PRUNE_STEP_SECONDS / 2:
+                    self.prune_batch = min(self.prune_batch_most, self.prune_batch * 2)
+                elif took > PRUNE_STEP_SECONDS * 2:
+                    self.prune_batch = max(PRUNE_BATCH_LEAST, self.prune_batch // 2)
+                if row["pruned_through"] >= target:
+                    return False
+                if time.monotonic() >= until:
+                    return True
+        finally:
+            if removed:
+                log.info("history pruned", extra={"event": "history_pruned", "removed": removed,
+                                                  "target": target, "batch": self.prune_batch})
+
+    async def record_history_stats(self, conn: asyncpg.Connection) -> None:
+        try:
+            row = await conn.fetchrow(query("history_stats"))
+        except PRUNE_CANCELLED:
+            return  # a timeout: the gauges keep their last values until next time
         assert row is not None
         metrics.NOTIFY_QUEUE_USAGE.set(row["usage"] or 0)
         metrics.HISTORY_ROWS.set(max(0.0, row["rows"] or 0))

@@ -4,7 +4,10 @@
 Readiness means "send me traffic": the database answers, the change feed is connected and
 not behind for longer than ``READY_MAX_LAG`` (NOTIFY raises the head a few milliseconds
 before the rows are read, so merely "behind" is the normal state under load), aggregates are
-loaded, and the process is not draining.
+loaded, and the process is not draining. The feed and the sequencer also report a failing
+loop (``failing: <why>``) until it has really worked again: on a read-only database the
+feed connects and LISTENs and the sequencer takes the lock, so "connected" alone would
+look caught up while nothing is numbered.
 """
 
 from __future__ import annotations
@@ -51,18 +54,22 @@ class Health:
         except PROBE_ERRORS as exc:
             checks["database"] = f"failed: {type(exc).__name__}"
         listener = self.listener
-        if not listener.connected:
+        if listener.failure is not None:
+            checks["feed"] = f"failing: {listener.failure}"
+        elif not listener.connected:
             checks["feed"] = "disconnected"
         elif not listener.caught_up:
             checks["feed"] = (f"behind ({listener.cursor} of {listener.head}, "
                               f"{listener.lag_seconds:.1f}s)")
         else:
             checks["feed"] = "ok"
+        failure = self.sequencer.failure
+        checks["sequencer"] = "ok" if failure is None else f"failing: {failure}"
         checks["aggregates"] = "ok" if self.aggregates.ready else "loading"
         checks["draining"] = self.hub.draining
         if self.auth.jwks is not None:  # issue 21: no key until one JWKS fetch succeeded
             checks["jwks"] = self.auth.jwks.status()
-        ok = (checks["database"] == "ok" and checks["feed"] == "ok"
+        ok = (checks["database"] == "ok" and checks["feed"] == "ok" and failure is None
               and checks["aggregates"] == "ok" and not self.hub.draining
               and checks.get("jwks", "ok") == "ok")
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}

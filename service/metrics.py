@@ -151,6 +151,26 @@ HTTP_DURATION = Histogram(
 )
 
 
+# issue 19: a sequencer that cannot number, its reconnects, and pruning that falls behind.
+SEQUENCER_CAN_NUMBER = Gauge(
+    "pgsse_sequencer_can_number", "1 while this process's sequencer could number events (it "
+    "leads and numbers, or it follows on a writable session); 0 while it fails (read-only "
+    "database or role, missing privileges, lost connection).", registry=REGISTRY,
+)
+SEQUENCER_RECONNECTS = Counter(
+    "pgsse_sequencer_reconnects", "Sequencer connections given up after a failure (each "
+    "followed by a backoff and a new connection).", registry=REGISTRY,
+)
+HISTORY_RETENTION = Gauge(
+    "pgsse_history_retention_seconds", "HISTORY_RETENTION, for alerts on history kept too long.",
+    registry=REGISTRY,
+)
+HISTORY_PRUNE_TIMEOUTS = Counter(
+    "pgsse_history_prune_timeouts", "Pruning steps cancelled by a statement timeout (the next "
+    "steps are smaller; the sequencer keeps its connection).", registry=REGISTRY,
+)
+
+
 _sampled = 0
 
 

@@ -38,6 +38,8 @@ REQUIRED_ALERTS = {
     "PgsseDown", "PgsseNotReady", "PgsseChangeFeedDown", "PgsseFeedLagging", "PgsseNoSequencer",
     "PgsseSlowClientsDropped", "PgsseDeliveryLatencyHigh", "PgsseNotifyQueueFilling",
     "PgsseAtCapacity",
+    # issue 19
+    "PgsseSequencerCannotNumber", "PgsseHistoryNotPruned",
 }
 
 

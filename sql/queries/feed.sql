@@ -81,14 +81,26 @@ SELECT realtime.sequence_v3($1)
 WITH flag AS (SELECT setval('realtime.wakeup', CASE WHEN $1::boolean THEN 1 ELSE 0 END))
 UPDATE realtime.sequencer SET wake_writers = $1::boolean FROM flag
 
--- name: prune_retained
--- The service's pruning: older than $1 seconds, never past what a live reader has read.
-SELECT realtime.prune_retained(make_interval(secs => $1))
+-- name: prune_target
+-- The service's pruning: where it may prune through (older than $1 seconds, never past
+-- what a live reader has read), or NULL when nothing is due.
+SELECT realtime.prune_target_v6(make_interval(secs => $1))
+
+-- name: prune_step
+-- One bounded step towards $1: at most $2 positions, in one transaction. Returns the
+-- events removed and where pruned_through now stands.
+SELECT removed, pruned_through FROM realtime.prune_step_v6($1, $2)
+
+-- name: sequencing_blocked
+-- Why this session could not number changes (read-only, missing privileges), or NULL.
+SELECT realtime.sequencing_blocked()
 
 -- name: history_stats
 -- For metrics: NOTIFY queue fill, retained events (estimate), age of the oldest.
 SELECT pg_notification_queue_usage() AS usage,
        (SELECT reltuples FROM pg_class WHERE oid = 'realtime.events'::regclass) AS rows,
        (SELECT extract(epoch FROM clock_timestamp() - c.created_at)
-        FROM (SELECT xid, id FROM realtime.events ORDER BY position LIMIT 1) p
+        FROM (SELECT xid, id FROM realtime.events
+              WHERE position > (SELECT pruned_through FROM realtime.sequencer WHERE id = 1)
+              ORDER BY position LIMIT 1) p
         JOIN realtime.changes c ON c.xid = p.xid AND c.id = p.id) AS age

@@ -17,3 +17,10 @@ INSERT INTO realtime.migrations (name) VALUES ($1)
 -- name: take_lock
 -- A transaction-level advisory lock (ids: service/queries.py Lock).
 SELECT pg_advisory_xact_lock($1)
+
+-- name: read_only_session
+-- A standby, or a session whose transactions are read-only (role or database setting).
+SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'
+
+-- name: migrations_recorded
+SELECT to_regclass('realtime.migrations') IS NOT NULL
