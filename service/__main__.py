@@ -91,6 +91,8 @@ def _serve_one(settings: Settings, worker: workers.Worker | None) -> None:
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            if worker is not None:  # from the first moment the loop runs (workers.py)
+                worker.start_heartbeat(settings.worker_timeout_seconds)
             await super().startup(sockets)
             if worker is not None:
                 self.metrics_server = await worker.serve_metrics()
