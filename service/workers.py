@@ -246,7 +246,9 @@ class Supervisor:
         if self.signal == signal.SIGINT:
             raise SystemExit(130)
         if self.signal is not None:
-            # Like a single uvicorn process: end "killed by SIGTERM" after a clean drain.
+            # Like a single uvicorn process: end "killed by SIGTERM" after a clean drain
+            # (``pgsse serve`` may catch it first, to stop the embedded PostgreSQL).
+            signal.raise_signal(self.signal)
             signal.signal(self.signal, signal.SIG_DFL)
             signal.raise_signal(self.signal)
 
