@@ -52,6 +52,9 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "refused_logins": chaos_guards.refused_logins,
     "postgres_restart": chaos_guards.postgres_restart,
     "connection_churn": chaos_guards.churn,
+    "stuck_exporters": chaos_scenarios.stuck_exporters,
+    "frozen_worker": chaos_scenarios.frozen_worker,
+    "sigterm_frozen_worker": chaos_scenarios.sigterm_frozen_worker,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",
