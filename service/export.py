@@ -156,6 +156,20 @@ def _csv_cell(value: str, safe: bool = False) -> str:
     return value
 
 
+def _csv_sql(cell: str, safe: bool) -> str:
+    """SQL for one CSV cell of a text value: quoted per RFC 4180 where needed and, with
+    ``safe``, a ``'`` before a leading formula character (tested with ``left()``: a regular
+    expression per cell made a million-row export's query half as slow again)."""
+    quote = f"'\"' || replace({cell}, '\"', '\"\"') || '\"'"
+    neutral = ""
+    if safe:
+        neutral = (f" WHEN left({cell}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') THEN"
+                   f" CASE WHEN {cell} ~ '[\",\\r\\n]' THEN '\"''' || replace({cell}, '\"', '\"\"')"
+                   f" || '\"' ELSE '''' || {cell} END")
+    return (f"CASE WHEN {cell} IS NULL THEN ''{neutral} WHEN {cell} = '' OR "
+            f"{cell} ~ '^#|[\",\\r\\n]' THEN {quote} ELSE {cell} END")
+
+
 @dataclass(frozen=True)
 class Query:
     """The SQL of one export request and its arguments."""
@@ -196,17 +210,14 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
         source = f"FROM ({spec.sql}) _pgsse_r"
     else:
         cells = ", ".join(f"c{i}" for i in range(len(kept)))
-        quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else
-                  f"CASE WHEN v.c{i} IS NULL THEN '' WHEN v.c{i} = '' OR v.c{i} ~ '^#|[\",\\r\\n]'"
-                  f" THEN '\"' || replace(v.c{i}, '\"', '\"\"') || '\"' ELSE v.c{i} END"
+        quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else _csv_sql(f"v.c{i}", safe)
                   for i, c in enumerate(kept)]
         line = quoted[0] if len(kept) == 1 else f"concat_ws(',', {', '.join(quoted)})"
-        # A lookahead inserts the ' only where a cell starts with a formula character.
-        jsons = ", ".join(
-            f"regexp_replace(to_jsonb(_pgsse_r.{_ident(c)}) #>> '{{}}', '^(?=[-=+@\\t\\r''])', '''')"
-            if safe and c not in columns.bare else f"to_jsonb(_pgsse_r.{_ident(c)}) #>> '{{}}'"
-            for c in kept)
-        source = (f"FROM ({spec.sql}) _pgsse_r CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
+        jsons = ", ".join(f"to_jsonb(_pgsse_r.{_ident(c)}) #>> '{{}}'" for c in kept)
+        # OFFSET 0 keeps the subquery from being flattened: each cell's JSON text is then
+        # computed once, not once per reference in the CASE (a third less query time).
+        source = (f"FROM ({spec.sql}) _pgsse_r CROSS JOIN LATERAL (SELECT {jsons} OFFSET 0)"
+                  f" AS v({cells})")
     where = ""
     order = ""
     # Every cursor yields (line, key_bad): asyncpg caches the FETCH statement's row shape

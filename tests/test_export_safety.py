@@ -35,6 +35,10 @@ SELECT grp, n FROM public.coded WHERE grp IS NOT NULL
 ENDLESS = """-- Two million generated rows: far more than socket buffers hold.
 SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 2000000) g
 """
+LATE_DUPLICATE = """-- A key that repeats only at row 5000, after the first batch has gone out.
+-- export: order by id
+SELECT CASE WHEN g = 5000 THEN 4999 ELSE g END AS id FROM generate_series(1, 10000) g
+"""
 GOOD_KEY = """-- A NOT NULL unique key.
 -- export: order by n
 SELECT n, code FROM public.coded
@@ -68,7 +72,8 @@ async def cells_dir(conn: asyncpg.Connection, tmp_path: Path) -> Path:
     directory = tmp_path / "aggregates"
     directory.mkdir()
     for name, sql in {"cells": CELLS, "null_key": NULL_KEY, "duplicate_key": DUPLICATE_KEY,
-                      "good_key": GOOD_KEY, "endless": ENDLESS}.items():
+                      "good_key": GOOD_KEY, "endless": ENDLESS,
+                      "late_duplicate": LATE_DUPLICATE}.items():
         (directory / f"{name}.sql").write_text(sql)
     return directory
 
@@ -119,6 +124,24 @@ def test_nullable_or_duplicate_export_keys_are_refused_naming_the_file(
                      params={"format": "csv", "after": "2"}, timeout=30)
     assert good.status_code == 200
     assert rows_of(good.content) == [["n", "code"], ["3", "c"], ["4", ""], ["5", ""]]
+
+
+def test_a_key_that_repeats_mid_stream_ends_the_export_with_a_marker(
+        start_server: Start, cells_dir: Path) -> None:
+    server = start_server({"AGGREGATES_DIR": str(cells_dir)})
+    got = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError):  # the chunked body never ends
+        with httpx.stream("GET", f"{server.url}/aggregates/late_duplicate",
+                          params={"format": "csv"}, timeout=30) as response:
+            assert response.status_code == 200
+            for chunk in response.iter_bytes():
+                got += chunk
+    lines = bytes(got).split(b"\r\n")
+    assert lines[-1] == b""
+    # Every row up to the repeat, then the marker naming the file; nothing after it.
+    assert lines[1:-2] == [str(i).encode() for i in range(1, 5000)]
+    assert lines[-2].startswith(b"#pgsse-export-error code=export_key_not_unique rows=4999 ")
+    assert b"late_duplicate.sql" in lines[-2]
 
 
 def test_head_validates_after_like_get(start_server: Start, cells_dir: Path) -> None:
