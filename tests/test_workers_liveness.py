@@ -105,3 +105,28 @@ async def test_sigterm_with_a_stopped_worker_ends_the_group_within_the_grace(
     await eventually(lambda: not any(alive(pid) for pid in workers), timeout=2,
                      what="no worker left")
     assert '"workers_killed"' in server.logs()
+
+
+async def test_metrics_answer_without_a_stopped_sibling(
+        start_server: Start, workers_killed_after: set[int]) -> None:
+    # Replacement off (10 min): the live worker's scrapes must not wait on the stopped one
+    # longer than the sibling timeout (metrics.SIBLING_TIMEOUT, 2 s).
+    server, workers = start_group(start_server, {"WORKER_TIMEOUT": "10m"})
+    victim = min(workers)
+    workers_killed_after.add(victim)
+    os.kill(victim, signal.SIGSTOP)
+    answered = []
+    for _ in range(20):  # a scrape the kernel hands the stopped worker waits: try again
+        began = time.monotonic()
+        try:
+            text = httpx.get(server.url + "/metrics", timeout=6).text
+        except httpx.TimeoutException:
+            continue
+        answered.append(time.monotonic() - began)
+        ups = sorted(line.rsplit(" ", 1)[1] for line in text.splitlines()
+                     if line.startswith("pgsse_worker_up{"))
+        assert ups == ["0.0", "1.0"], ups
+        if len(answered) == 3:
+            break
+    assert len(answered) == 3, "the live worker never answered a scrape"
+    assert max(answered) < 5, answered
