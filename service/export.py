@@ -250,7 +250,7 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
         row = keys[0] if len(keys) == 1 else f"ROW({', '.join(keys)})"
         check = (", " + " OR ".join(f"{k} IS NULL" for k in keys)
                  + f" OR {row} IS NOT DISTINCT FROM lag({row}) OVER (ORDER BY {ordering})")
-        if after is not None:
+        if after is not None and columns.key_types:
             after_sql = "SELECT " + ", ".join(
                 f"(${i + 1}::text)::{t}" for i, t in enumerate(columns.key_types))
     count_sql = f"SELECT count(*) FROM ({spec.sql}) _pgsse_r{where}" if spec.export_count else None
@@ -433,10 +433,16 @@ class ExportResponse(Response):
             try:
                 async with self.pool.acquire() as conn:
                     await conn.fetchrow(self.query.after_sql, *after)
-            except asyncpg.DataError as exc:
-                self.outcome("4xx")
-                response = BadRequest(f"invalid after value: {exc}", code="invalid_parameter",
-                                      param="after").response()
+            except (asyncpg.DataError, OSError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                error: PgsseError
+                if isinstance(exc, asyncpg.DataError):
+                    self.outcome("4xx")
+                    error = BadRequest(f"invalid after value: {exc}", code="invalid_parameter",
+                                       param="after")
+                else:
+                    error = Unavailable("the database did not answer; try again")
+                response = error.response()
                 await send({"type": "http.response.start", "status": response.status_code,
                             "headers": response.raw_headers})
                 await send({"type": "http.response.body", "body": b""})
