@@ -235,14 +235,15 @@ def database(args: argparse.Namespace) -> None:
                   file=sys.stderr)
             raise SystemExit(2)
         result = embedded.stop(settings.data_dir)
+        if not result.gone:
+            pid = f"pid {result.pid}" if result.pid is not None else "pid unknown"
+            print(f"pgsse: could not stop the embedded PostgreSQL ({pid}, "
+                  f"{embedded.pgdata(settings.data_dir)}): {result.error}", file=sys.stderr)
+            raise SystemExit(1)
         if result.pid is None:
             print("embedded PostgreSQL is not running")
-        elif result.gone:
-            print(f"embedded PostgreSQL stopped (pid {result.pid})")
         else:
-            print(f"pgsse: could not stop the embedded PostgreSQL (pid {result.pid}, "
-                  f"{embedded.pgdata(settings.data_dir)}): it still runs", file=sys.stderr)
-            raise SystemExit(1)
+            print(f"embedded PostgreSQL stopped (pid {result.pid})")
         return
     url = _database_url(settings)
     print(url)

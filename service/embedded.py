@@ -49,9 +49,12 @@ def start(data_dir: Path) -> str:
 
 
 def postmaster_pid(data_dir: Path) -> int | None:
-    """The pid ``postmaster.pid`` names, if that process runs and is a postgres."""
+    """The pid ``postmaster.pid`` names, if that process runs and is a postgres (raises
+    ``PermissionError`` when the file exists but cannot be read: running or not is unknown)."""
     try:
         pid = int((pgdata(data_dir) / "postmaster.pid").read_text().split("\n", 1)[0])
+    except PermissionError:
+        raise
     except (OSError, ValueError):
         return None
     if not _running(pid):
@@ -93,11 +96,15 @@ def _wait_gone(pid: int, seconds: float) -> bool:
 class Stopped:
     pid: int | None   # the postmaster that ran, if one did
     gone: bool        # it no longer runs
+    error: str = ""   # why it could not be stopped
 
 
 def stop(data_dir: Path) -> Stopped:
     """Stop the server under ``data_dir`` whoever started it."""
-    pid = postmaster_pid(data_dir)
+    try:
+        pid = postmaster_pid(data_dir)
+    except PermissionError as exc:
+        return Stopped(None, False, f"cannot read its postmaster.pid: {exc.strerror}")
     if pid is None:
         return Stopped(None, True)
     for sig, seconds in STEPS:
@@ -106,14 +113,13 @@ def stop(data_dir: Path) -> Stopped:
         except ProcessLookupError:
             return Stopped(pid, True)
         except PermissionError as exc:
-            log.error("cannot signal the embedded PostgreSQL", extra={
-                "event": "embedded_stop_failed", "pid": pid, "error": str(exc)})
-            return Stopped(pid, False)
+            return Stopped(pid, False, f"cannot signal it: {exc.strerror}")
         if _wait_gone(pid, seconds):
             return Stopped(pid, True)
         log.warning("embedded PostgreSQL still running: signalling harder", extra={
             "event": "embedded_stop_slow", "pid": pid, "signal": int(sig)})
-    return Stopped(pid, not _running(pid))
+    gone = not _running(pid)
+    return Stopped(pid, gone, "" if gone else "it survived SIGKILL")
 
 
 def _live_users(data_dir: Path) -> list[int]:
@@ -147,4 +153,4 @@ def release(data_dir: Path) -> None:
     result = stop(data_dir)
     if not result.gone:
         log.error("the embedded PostgreSQL did not stop", extra={
-            "event": "embedded_stop_failed", "pid": result.pid})
+            "event": "embedded_stop_failed", "pid": result.pid, "error": result.error})

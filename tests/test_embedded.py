@@ -146,3 +146,38 @@ def test_the_next_run_stops_what_a_killed_run_left(data_dir: Path, tmp_path: Pat
     second.proc.send_signal(signal.SIGINT)
     assert second.proc.wait(30) == 130
     assert wait_gone(pid, 10), f"postmaster {pid} outlived the second run"
+
+
+def test_db_stop_that_cannot_stop_it_exits_1_naming_the_pid(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A postmaster that outlives every signal db --stop sends (here: a process named
+    postgres that ignores SIGINT and SIGQUIT, with SIGKILL left out of the steps)."""
+    from pgsse import __main__ as cli
+    from pgsse import embedded
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+         "signal.signal(signal.SIGQUIT, signal.SIG_IGN)\n"
+         "print('ready', flush=True)\ntime.sleep(60)\n", "postgres"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == "ready\n"
+        (tmp_path / "pg").mkdir()
+        (tmp_path / "pg" / "postmaster.pid").write_text(f"{stubborn.pid}\n{tmp_path}/pg\n")
+        monkeypatch.setenv("DATA_DIR", str(tmp_path))
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+        monkeypatch.setattr(embedded, "STEPS", ((signal.SIGINT, 0.5), (signal.SIGQUIT, 0.5)))
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["db", "--stop"])
+        assert exited.value.code == 1
+        out, err = capsys.readouterr()
+        assert "stopped" not in out and f"pid {stubborn.pid}" in err, (out, err)
+        assert stubborn.poll() is None
+        # A pid file naming a process that is not a postgres (a reused pid) is no server.
+        (tmp_path / "pg" / "postmaster.pid").write_text(f"{os.getpid()}\n")
+        cli.main(["db", "--stop"])
+        assert "not running" in capsys.readouterr().out
+    finally:
+        stubborn.kill()
+        stubborn.wait(5)
