@@ -66,6 +66,9 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     # issue 19
     "read_only_role": chaos_roles.read_only_role,
     "prune_role_timeout": chaos_roles.prune_role_timeout,
+    "stuck_exporters": chaos_scenarios.stuck_exporters,
+    "frozen_worker": chaos_scenarios.frozen_worker,
+    "sigterm_frozen_worker": chaos_scenarios.sigterm_frozen_worker,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

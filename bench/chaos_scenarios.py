@@ -9,9 +9,14 @@ and in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -393,3 +398,168 @@ async def _read_first_id(loop: asyncio.AbstractEventLoop, sock: socket.socket) -
     except TimeoutError:
         return None
     return buf.split(b"\nid: ", 1)[1].split(b"\n", 1)[0].decode()
+
+
+# --- process and slot starvation (issue 20) -----------------------------------------------
+
+EXPORT_FILES = {
+    "chaos_endless.sql": "-- Two million generated rows.\n"
+                         "SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 2000000) g\n",
+    "chaos_small.sql": "-- Ten rows.\nSELECT g AS id FROM generate_series(1, 10) g\n",
+}
+
+
+async def stuck_exporters(run: Run) -> Result:
+    """Four clients (four addresses) start a big export and never read; a fifth reader must
+    be served within EXPORT_IDLE_SECONDS plus a margin, and the stuck sockets freed."""
+    idle = 3.0
+    result = Result("stuck_exporters", f"4 exports never read (SO_RCVBUF 4 KB); a 5th export "
+                    f"polled; EXPORT_IDLE_SECONDS={idle:g}").no_stream()
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name, sql in EXPORT_FILES.items():
+            (Path(directory) / name).write_text(sql)
+        env = {"AGGREGATES_DIR": directory, "EXPORT_IDLE_SECONDS": f"{idle}s"}
+        async with service_on_fresh_db(run.pg, result.scenario, env) as (service, _conn):
+            base = Baseline(service)
+            try:
+                for i in range(4):
+                    sock = socket.socket()
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    sock.bind((f"127.0.0.{i + 2}", 0))
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, ("127.0.0.1", service.port))
+                    await loop.sock_sendall(sock, b"GET /aggregates/chaos_endless?format=csv "
+                                            b"HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    socks.append(sock)
+
+                async def status() -> int:
+                    try:
+                        return (await service.get("/aggregates/chaos_small?format=csv")).status
+                    except (OSError, TimeoutError):
+                        return 0
+
+                async def full() -> bool:
+                    return await status() == 429
+                blocked = await wait_until(full, 20, 0.1)
+                began = time.monotonic()
+
+                async def served() -> bool:
+                    return await status() == 200
+                ok = await wait_until(served, idle + 15, 0.2)
+                result.figures.update(
+                    slots_taken=bool(blocked),
+                    fifth_served_after_s=round(time.monotonic() - began, 1) if ok else None,
+                    idle_metric=await service.metric(
+                        'pgsse_export_streams_total{aggregate="chaos_endless",outcome="idle"}'))
+            finally:
+                for sock in socks:
+                    sock.close()
+            await base.deltas(result)
+    failures = []
+    if not result.figures["slots_taken"]:
+        failures.append("the four stuck exports never filled the slots")
+    after = result.figures["fifth_served_after_s"]
+    if after is None or after > idle + 10:
+        failures.append(f"a fifth export was not served within {idle + 10:g} s ({after})")
+    return result.judge(failures)
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def frozen_worker(run: Run) -> Result:
+    """WORKERS=2, one SIGSTOPped: /healthz answered meanwhile, and the worker replaced within
+    WORKER_TIMEOUT plus a margin."""
+    timeout = 3.0
+    result = Result("frozen_worker", f"WORKERS=2, one SIGSTOPped; WORKER_TIMEOUT={timeout:g}s"
+                    ).no_stream()
+    env = {"WORKERS": "2", "WORKER_TIMEOUT": f"{timeout}s"}
+    async with service_on_fresh_db(run.pg, result.scenario, env) as (service, _conn):
+        await wait_until(lambda: len(_children(service.pid)) == 2, 30, 0.1)
+
+        async def both_up() -> bool:
+            feeds = [v for k, v in (await service.metrics()).items() if k.startswith("pgsse_feed_up")]
+            return sum(feeds) == 2
+        await wait_until(both_up, 30, 0.2)
+        victim = min(_children(service.pid))
+        os.kill(victim, signal.SIGSTOP)
+        began = time.monotonic()
+        answered = asked = 0
+        try:
+            while time.monotonic() - began < timeout + 15:
+                asked += 1
+                try:
+                    answered += (await service.get("/healthz", timeout=1)).status == 200
+                except (OSError, TimeoutError):
+                    pass
+                now = _children(service.pid)
+                if not _running(victim) and len(now) == 2:
+                    break
+            replaced_after = time.monotonic() - began if not _running(victim) else None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGKILL)
+        ok = 0
+        for _ in range(20):
+            try:
+                ok += (await service.get("/healthz", timeout=5)).status == 200
+            except (OSError, TimeoutError):
+                pass
+        result.figures.update(
+            replaced_after_s=None if replaced_after is None else round(replaced_after, 1),
+            healthz_answered_while_frozen=f"{answered}/{asked}", healthz_after=f"{ok}/20",
+            replaced_metric=await service.metric('pgsse_worker_replaced_total{reason="hung"}'))
+    failures = []
+    if replaced_after is None or replaced_after > timeout + 10:
+        failures.append(f"the frozen worker was not replaced within {timeout + 10:g} s")
+    if ok != 20:
+        failures.append(f"after the replacement only {ok}/20 /healthz answered")
+    return result.judge(failures)
+
+
+async def sigterm_frozen_worker(run: Run) -> Result:
+    """WORKERS=2, one SIGSTOPped, then SIGTERM: the group ends within SHUTDOWN_GRACE_SECONDS
+    plus a margin, leaving no worker behind."""
+    grace = 3.0
+    result = Result("sigterm_frozen_worker", f"WORKERS=2, one SIGSTOPped, then SIGTERM; "
+                    f"SHUTDOWN_GRACE_SECONDS={grace:g}").no_stream()
+    env = {"WORKERS": "2", "WORKER_TIMEOUT": "10m", "SHUTDOWN_GRACE_SECONDS": f"{grace}s"}
+    async with service_on_fresh_db(run.pg, result.scenario, env) as (service, _conn):
+        await wait_until(lambda: len(_children(service.pid)) == 2, 30, 0.1)
+        workers = _children(service.pid)
+        assert service.proc is not None
+        proc = service.proc
+        try:
+            os.kill(min(workers), signal.SIGSTOP)
+            began = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ended = await wait_until(lambda: proc.poll() is not None, grace + 15, 0.1)
+            exited_after = time.monotonic() - began if ended else None
+            await wait_until(lambda: not any(_running(p) for p in workers), 2, 0.1)
+            left = [p for p in workers if _running(p)]
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        result.figures.update(
+            exited_after_s=None if exited_after is None else round(exited_after, 1),
+            workers_left=len(left))
+    failures = []
+    if exited_after is None or exited_after > grace + 5:
+        failures.append(f"the supervisor did not exit within {grace + 5:g} s of SIGTERM")
+    if left:
+        failures.append(f"{len(left)} worker(s) outlived the supervisor")
+    return result.judge(failures)

@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import gc
 import json
+import signal
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -27,15 +30,43 @@ def _settings(**overrides: object) -> Settings:
         raise SystemExit(2) from exc
 
 
-def _database_url(settings: Settings, stop_at_exit: bool = False) -> str:
+def _database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
-    from .db import embedded_database_url
+    from . import embedded
 
-    if stop_at_exit:
-        print(f"  embedded PostgreSQL in {settings.data_dir / 'pg'} (stopped when pgsse "
-              "serve exits; data kept)", file=sys.stderr, flush=True)
-    return embedded_database_url(settings.data_dir, stop_at_exit)
+    return embedded.start(settings.data_dir)
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that what must happen on the way out happens
+    (stopping the embedded PostgreSQL); the process then dies of the signal all the same."""
+
+    def __init__(self, sig: int) -> None:
+        super().__init__(sig)
+        self.signal = sig
+
+
+def _raise_terminated(sig: int, frame: FrameType | None) -> None:
+    raise Terminated(sig)
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[str]:
+    """The database URL; an embedded PostgreSQL is stopped on every way out of the block
+    (exit, Ctrl-C, SIGTERM; not SIGKILL: ``pgsse db --stop`` is for that), unless another
+    live process uses it (embedded.py)."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from . import embedded
+
+    print(f"  embedded PostgreSQL in {embedded.pgdata(settings.data_dir)} (stopped when pgsse "
+          "serve exits; data kept)", file=sys.stderr, flush=True)
+    try:
+        yield embedded.start(settings.data_dir)
+    finally:
+        embedded.release(settings.data_dir)
 
 
 def serve(args: argparse.Namespace) -> None:
@@ -44,15 +75,24 @@ def serve(args: argparse.Namespace) -> None:
     settings = _settings(**({"demo": True} if args.demo else {}))
     logs.setup(settings.log_level, settings.log_format)
     worker = workers.Worker.from_env()
-    if worker is None and settings.workers > 1:
-        url = _database_url(settings, stop_at_exit=True)
-        _print_demo_banner(settings)
-        workers.Supervisor(settings, url).run()
-        return
-    if worker is not None:
+    if worker is not None:  # the supervisor owns the database (DATABASE_URL is set for us)
         worker.follow_parent()
         worker.join_metrics()
-    _serve_one(settings, worker)
+        _serve_one(settings, worker, _database_url(settings))
+        return
+    # uvicorn and the supervisor end by raising the signal they got again: with this handler
+    # restored under them, a SIGTERM ends here as an exception, after the cleanup below.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        with _database(settings) as url:
+            if settings.workers > 1:
+                _print_demo_banner(settings)
+                workers.Supervisor(settings, url).run()
+            else:
+                _serve_one(settings, None, url)
+    except Terminated as exc:
+        signal.signal(exc.signal, signal.SIG_DFL)
+        signal.raise_signal(exc.signal)  # die of it, like a plain uvicorn process
 
 
 def _print_demo_banner(settings: Settings) -> None:
@@ -63,7 +103,7 @@ def _print_demo_banner(settings: Settings) -> None:
               file=sys.stderr, flush=True)
 
 
-def _serve_one(settings: Settings, worker: workers.Worker | None) -> None:
+def _serve_one(settings: Settings, worker: workers.Worker | None, url: str) -> None:
     """One uvicorn process: the whole service, or one worker of ``WORKERS=N``."""
     import uvicorn
 
@@ -74,7 +114,6 @@ def _serve_one(settings: Settings, worker: workers.Worker | None) -> None:
     # Each fan-out allocates per client; with 10k long-lived streams the default young
     # generation threshold runs the collector so often that it doubles fan-out latency.
     gc.set_threshold(50_000, 20, 100)
-    url = _database_url(settings, stop_at_exit=True)
     try:
         app = create_app(settings, url)
     except AggregateFileError as exc:
@@ -92,6 +131,8 @@ def _serve_one(settings: Settings, worker: workers.Worker | None) -> None:
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            if worker is not None:  # from the first moment the loop runs (workers.py)
+                worker.start_heartbeat(settings.worker_timeout_seconds)
             await super().startup(sockets)
             if worker is not None:
                 self.metrics_server = await worker.serve_metrics()
@@ -209,14 +250,22 @@ def advise(args: argparse.Namespace) -> None:
 def database(args: argparse.Namespace) -> None:
     settings = _settings()
     if args.stop:
-        from .db import stop_embedded
+        from . import embedded
 
         if settings.database_url:
             print("pgsse: DATABASE_URL is set: there is no embedded PostgreSQL to stop",
                   file=sys.stderr)
             raise SystemExit(2)
-        stopped = stop_embedded(settings.data_dir)
-        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL is not running")
+        result = embedded.stop(settings.data_dir)
+        if not result.gone:
+            pid = f"pid {result.pid}" if result.pid is not None else "pid unknown"
+            print(f"pgsse: could not stop the embedded PostgreSQL ({pid}, "
+                  f"{embedded.pgdata(settings.data_dir)}): {result.error}", file=sys.stderr)
+            raise SystemExit(1)
+        if result.pid is None:
+            print("embedded PostgreSQL is not running")
+        else:
+            print(f"embedded PostgreSQL stopped (pid {result.pid})")
         return
     url = _database_url(settings)
     print(url)

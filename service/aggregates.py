@@ -110,7 +110,7 @@ class Aggregates:
         self.counters: dict[tuple[str, str], Any] = {}
         self.hits = self.misses = self.queries = 0
         self.ready = False
-        self.exporter = export.Exporter()
+        self.exporter = export.Exporter.from_settings(settings)
 
     # -- lifecycle and versions --------------------------------------------------------
 

