@@ -43,6 +43,9 @@ class Aggregate:
         self.tables: tuple[str, ...] = ()
         self.unwatched: tuple[str, ...] = ()
         self.columns: tuple[str, ...] = ()
+        # The result columns and their types: part of the ETag, so that a schema change that
+        # changes the output changes the ETag (``shapes``).
+        self.shape = ""
         self.headers: dict[str, str] = {}  # Cache-Control and Vary, set at start
         self.raw_headers: list[tuple[bytes, bytes]] = []
         # (The aliases are unlikely names: a result column called like the alias would
@@ -100,6 +103,8 @@ async def inspect(conn: Any, aggregate: Aggregate) -> None:
             raise AggregateFileError(spec.path, spec.line,
                                      f"result column names must be unique: {', '.join(columns)}")
         aggregate.columns = columns
+        aggregate.shape = ",".join(f"{a.name}:{a.type.schema}.{a.type.name}"
+                                   for a in probe.get_attributes())
         if spec.depends is not None:
             for table in spec.depends:
                 if await conn.fetchval("SELECT to_regclass($1)", table) is None:
@@ -136,6 +141,11 @@ async def plan_relations(conn: Any, sql: str, params: int) -> set[tuple[str, str
 
 
 _DENIED = re.compile(r"permission denied for (table|view|materialized view|schema|sequence) (\S+)")
+
+
+def problem(exc: asyncpg.PostgresError) -> str:
+    """The SQL error as a message: SQLSTATE, text, and a hint (the GRANT that fixes it)."""
+    return _problem(exc)
 
 
 def _problem(exc: asyncpg.PostgresError) -> str:

@@ -110,6 +110,7 @@ class Lifecycle:
                         "demo-writer")
         await self.listener.started.wait()
         await self.aggregates.start()  # a broken file names itself, its line and the problem
+        self._spawn(self.aggregates.shapes.run(self.stop), "shapes")
         log.info("ready", extra={"event": "started", "position": self.hub.position})
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:

@@ -124,6 +124,10 @@ class Settings:
     header_timeout_seconds: float = 10.0
     workers: int = 1
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
+    # issue 20: aggregates get a pool of their own, a bounded wait for it, a statement timeout
+    aggregate_pool_size: int = 8
+    aggregate_pool_wait_seconds: float = 5.0
+    aggregate_timeout_seconds: float = 10.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -180,6 +184,10 @@ class Settings:
         take("HEADER_TIMEOUT", "header_timeout_seconds", _positive_duration)
         take("WORKERS", "workers", _workers)
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
+        # issue 20: aggregate pool, its wait bound, the default statement timeout
+        take("AGGREGATE_POOL_SIZE", "aggregate_pool_size", _int_range(1, 1000))
+        take("AGGREGATE_POOL_WAIT", "aggregate_pool_wait_seconds", _positive_duration)
+        take("AGGREGATE_TIMEOUT", "aggregate_timeout_seconds", _positive_duration)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)

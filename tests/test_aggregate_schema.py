@@ -1,0 +1,143 @@
+"""Aggregates follow their tables' shape (contract section 14).
+
+``ALTER TABLE`` does not move a table's version, so without more an aggregate kept answering
+304 (or its cached 200) with the old columns. An aggregate whose tables changed shape is
+prepared again and answers with the new shape; one that no longer compiles answers 503
+``aggregate_unavailable`` naming the SQL error while ``/readyz`` stays 200 and lists it under
+``degraded``; it recovers by itself once the schema allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.support import eventually, stats
+
+Start = Callable[..., Any]
+
+PEOPLE = """-- Every person, every column.
+SELECT * FROM public.people ORDER BY 1
+"""
+NAMES = """-- Names only: breaks when the column goes.
+SELECT id, name FROM public.people ORDER BY id
+"""
+
+
+@pytest.fixture
+async def agg_dir(conn: asyncpg.Connection, tmp_path: Path) -> Path:
+    await conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
+    await conn.execute("SELECT realtime.watch('public.people', 'people')")
+    await conn.execute("GRANT SELECT ON public.people TO pgsse_reader")
+    await conn.execute("INSERT INTO public.people VALUES (1, 'ann'), (2, 'bob')")
+    while await conn.fetchval("SELECT realtime.sequence_v1()"):
+        pass
+    directory = tmp_path / "aggregates"
+    directory.mkdir()
+    (directory / "people.sql").write_text(PEOPLE)
+    (directory / "names.sql").write_text(NAMES)
+    return directory
+
+
+@pytest.fixture
+async def server(start_server: Start, conn: asyncpg.Connection, agg_dir: Path) -> Any:
+    server = start_server({"AGGREGATES_DIR": str(agg_dir)})
+    head = await conn.fetchval("SELECT last_position FROM realtime.sequencer")
+    await eventually(lambda: stats(server)["position"] >= head, what="events fanned out")
+    return server
+
+
+def get(server: Any, name: str, etag: str | None = None) -> httpx.Response:
+    headers = {"If-None-Match": etag} if etag else None
+    return httpx.get(f"{server.url}/aggregates/{name}", headers=headers, timeout=10)
+
+
+async def new_shape(server: Any, name: str, etag: str, check: Callable[[list[Any]], bool]) -> str:
+    """Wait until ``If-None-Match: etag`` gets a 200 whose rows pass ``check``; its ETag.
+    (A plain GET must agree: no cached 200 with the old columns either.)"""
+    def changed() -> httpx.Response | None:
+        answer = get(server, name, etag)
+        return answer if answer.status_code == 200 and check(answer.json()["data"]) else None
+
+    answer = await eventually(changed, what=f"{name} in its new shape")
+    plain = get(server, name)
+    assert plain.status_code == 200 and check(plain.json()["data"]), plain.text
+    assert plain.headers["etag"] == answer.headers["etag"] != etag
+    # and that new shape is cached again: a free 304
+    assert get(server, name, answer.headers["etag"]).status_code == 304
+    return str(answer.headers["etag"])
+
+
+async def test_add_rename_retype_drop_column_change_the_answer(
+        server: Any, conn: asyncpg.Connection) -> None:
+    first = get(server, "people")
+    assert first.status_code == 200
+    assert first.json()["data"] == [{"id": 1, "name": "ann"}, {"id": 2, "name": "bob"}]
+    etag = first.headers["etag"]
+    assert get(server, "people", etag).status_code == 304
+
+    await conn.execute("ALTER TABLE public.people ADD COLUMN age int DEFAULT 7")
+    etag = await new_shape(server, "people", etag, lambda rows: rows[0] == {"id": 1, "name": "ann", "age": 7})
+    fields = httpx.get(server.url + "/aggregates/people?fields=id,age", timeout=10)
+    assert fields.status_code == 200 and fields.json()["data"][0] == {"id": 1, "age": 7}
+
+    await conn.execute("ALTER TABLE public.people RENAME COLUMN name TO full_name")
+    etag = await new_shape(server, "people", etag,
+                           lambda rows: rows[1] == {"id": 2, "full_name": "bob", "age": 7})
+
+    await conn.execute("ALTER TABLE public.people ALTER COLUMN age TYPE text")
+    etag = await new_shape(server, "people", etag, lambda rows: rows[0]["age"] == "7")
+
+    await conn.execute("ALTER TABLE public.people DROP COLUMN age")
+    await new_shape(server, "people", etag, lambda rows: rows[0] == {"id": 1, "full_name": "ann"})
+
+
+async def test_a_broken_aggregate_is_unavailable_then_recovers(
+        server: Any, conn: asyncpg.Connection) -> None:
+    first = get(server, "names")
+    assert first.status_code == 200 and first.json()["data"][0] == {"id": 1, "name": "ann"}
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json().get("degraded", []) == []
+
+    await conn.execute("ALTER TABLE public.people DROP COLUMN name")
+
+    def unavailable() -> httpx.Response | None:
+        answer = get(server, "names", first.headers["etag"])
+        return answer if answer.status_code == 503 else None
+
+    answer = await eventually(unavailable, what="names unavailable")
+    error = answer.json()["error"]
+    assert error["code"] == "aggregate_unavailable", error
+    assert "name" in error["message"] and "42703" in error["message"], error
+    assert get(server, "names").status_code == 503, "no cached 200 either"
+    assert get(server, "people").status_code == 200, "the other aggregate is not broken"
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["degraded"] == ["names"]
+
+    await conn.execute("ALTER TABLE public.people ADD COLUMN name text DEFAULT 'x'")
+    back = await eventually(lambda: (a := get(server, "names")).status_code == 200 and a,
+                            what="names back")
+    assert back.json()["data"][0] == {"id": 1, "name": "x"}
+    ready = httpx.get(server.url + "/readyz", timeout=5)
+    assert ready.status_code == 200 and ready.json().get("degraded", []) == [], ready.text
+
+
+async def test_a_renamed_table_breaks_then_recovers(server: Any, conn: asyncpg.Connection) -> None:
+    etag = get(server, "names").headers["etag"]
+    await conn.execute("ALTER TABLE public.people RENAME TO persons")
+    answer = await eventually(lambda: (a := get(server, "names", etag)).status_code == 503 and a,
+                              what="names unavailable")
+    assert answer.json()["error"]["code"] == "aggregate_unavailable"
+    assert "people" in answer.json()["error"]["message"]
+    await eventually(lambda: httpx.get(server.url + "/readyz", timeout=5).json().get("degraded")
+                     == ["names", "people"], what="both degraded")
+    await conn.execute("ALTER TABLE public.persons RENAME TO people")
+    await eventually(lambda: get(server, "names").status_code == 200, what="names back")
+    await eventually(lambda: httpx.get(server.url + "/readyz", timeout=5).json().get("degraded")
+                     in (None, []), what="nothing degraded")
