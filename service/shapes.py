@@ -86,8 +86,9 @@ class Shapes:
                                        f"current schema: {problem}")
 
     def failed(self, aggregate: Aggregate, problem: str) -> AggregateUnavailable:
-        """Its query failed in a way that says the schema moved: inspect it again next time."""
-        self.stale.add(aggregate.name)
+        """Its query failed in a way that says the schema moved before the poller noticed:
+        503 from memory until it is inspected again (the poller, or a request after
+        ``RETRY_SECONDS``), so a storm of requests does not become a storm of inspections."""
         self._broke(aggregate, problem)
         return AggregateUnavailable(f"aggregate {aggregate.name!r} failed against the current "
                                     f"schema: {problem}")
