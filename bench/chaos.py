@@ -52,6 +52,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "refused_logins": chaos_guards.refused_logins,
     "postgres_restart": chaos_guards.postgres_restart,
     "connection_churn": chaos_guards.churn,
+    "slow_aggregate_storm": chaos_scenarios.slow_aggregate_storm,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

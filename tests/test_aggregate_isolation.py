@@ -162,3 +162,56 @@ def test_the_timeout_header_is_parsed(tmp_path: Path) -> None:
     assert parse(path).timeout == 2.0
     path.write_text("-- A description.\nSELECT 1 AS x\n")
     assert parse(path).timeout is None
+
+
+class CountingPool:
+    """Stands in for an asyncpg pool of ``size`` connections (admission only acquires and
+    releases), counting what is held."""
+
+    def __init__(self, size: int) -> None:
+        self.free = asyncio.Semaphore(size)
+        self.held = 0
+
+    async def acquire(self, timeout: float | None = None) -> object:
+        async with asyncio.timeout(timeout):
+            await self.free.acquire()
+        self.held += 1
+        return object()
+
+    async def release(self, conn: object) -> None:
+        self.held -= 1
+        self.free.release()
+
+
+async def test_one_aggregate_takes_at_most_half_the_pool_and_waits_boundedly() -> None:
+    from pgsse.admission import Admission, Busy
+
+    pool = CountingPool(8)
+    admission = Admission(8, 0.3)
+    release = asyncio.Event()
+    inside = 0
+
+    async def hold(name: str) -> None:
+        nonlocal inside
+        async with admission.connection(pool, name):  # type: ignore[arg-type]
+            inside += 1
+            await release.wait()
+
+    slow = [asyncio.create_task(hold("slow")) for _ in range(6)]
+    await eventually(lambda: inside == 4, what="four slow queries running")
+    assert pool.held == 4, "the other two queue on the slow aggregate's own share"
+    async with admission.connection(pool, "fast"):  # type: ignore[arg-type]
+        assert pool.held == 5, "a fast aggregate does not wait behind the slow ones"
+    started = time.monotonic()
+    with pytest.raises(Busy) as caught:
+        async with admission.connection(pool, "slow"):  # type: ignore[arg-type]
+            pass
+    assert time.monotonic() - started < 5
+    assert caught.value.status == 503 and caught.value.code == "busy"
+    assert caught.value.headers["Retry-After"] == "1"
+    release.set()
+    await asyncio.gather(*slow, return_exceptions=True)
+    assert pool.held == 0, "every connection given back, also by the ones told busy"
+    # the two that queued were either served or told busy; none kept a share
+    async with admission.connection(pool, "slow"):  # type: ignore[arg-type]
+        assert pool.held == 1
