@@ -231,6 +231,8 @@ class Aggregates:
         except PgsseError as exc:
             if 400 <= exc.status < 500:
                 self._count(name, "4xx")
+            elif exc.status == 503:  # busy, aggregate_timeout, aggregate_unavailable, unavailable
+                self._count(name, exc.code)
             raise
 
     async def _serve(self, request: Request, aggregate: Aggregate) -> Response:

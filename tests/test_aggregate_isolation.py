@@ -19,7 +19,7 @@ import httpx
 import pytest
 from pgsse.sqlfiles import AggregateFileError, parse
 
-from tests.support import eventually, read_sse, stats
+from tests.support import eventually, metric, read_sse, stats
 
 Start = Callable[..., Any]
 SLOW_SECONDS = 3
@@ -123,6 +123,8 @@ async def test_a_slow_aggregate_storm_leaves_the_rest_alone(
     print("answered in", {k: round(v, 3) for k, v in took.items()}, "storm:", by_status)
     assert by_status.get(503, 0) >= STORM // 2, by_status
     assert by_status.get(200, 0) >= 4, by_status
+    busy = metric(server, 'pgsse_aggregate_requests_total{aggregate="slow",outcome="busy"}')
+    assert busy == by_status[503], "counted by outcome, for alerts"
     # Nothing was poisoned: the slow aggregate answers again once the storm is over.
     again = httpx.get(server.url + "/aggregates/fast", params={"k": 2}, timeout=10)
     assert again.status_code == 200 and again.json()["data"] == [{"k": 2, "items": 5}]
