@@ -119,7 +119,8 @@ class Aggregates:
         self.exporter = export.Exporter()
         self.admission = Admission(settings.aggregate_pool_size,
                                    settings.aggregate_pool_wait_seconds)
-        self.shapes = Shapes(self.items, self._reinspect, lambda: self.deps.pool)
+        self.shapes = Shapes(self.items, self._reinspect, lambda: self.deps.pool,
+                             lambda a: self.deps.hub.publish_transient(invalidation(a.name)))
 
     # -- lifecycle and versions --------------------------------------------------------
 

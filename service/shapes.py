@@ -58,14 +58,18 @@ class Shapes:
     """Which aggregates are stale or broken, and the poller that notices schema changes.
 
     ``inspect(aggregate)`` prepares one aggregate again (raising ``AggregateFileError`` when it
-    is broken); ``pool()`` is the connection pool the fingerprint is read through."""
+    is broken); ``pool()`` is the connection pool the fingerprint is read through;
+    ``changed(aggregate)`` is told when its tables changed (its ETag moved), once it has been
+    prepared again: subscribers of ``aggregates/<name>`` get an ``aggregate.invalidated``."""
 
     def __init__(self, items: dict[str, Aggregate],
                  inspect: Callable[[Aggregate], Awaitable[None]],
-                 pool: Callable[[], asyncpg.Pool]) -> None:
+                 pool: Callable[[], asyncpg.Pool],
+                 changed: Callable[[Aggregate], None]) -> None:
         self.items = items
         self.inspect = inspect
         self.pool = pool
+        self.changed = changed
         self.fingerprints: dict[str, str] = {}
         self.stale: set[str] = set()
         self.broken: dict[str, str] = {}  # name → the SQL error, as answered
@@ -152,11 +156,14 @@ class Shapes:
         due = [a for a in self.items.values()
                if changed.intersection(a.tables)
                or (a.name in self.broken and time.monotonic() >= self.retry_at[a.name])]
+        moved = [a for a in due if changed.intersection(a.tables)]
         for aggregate in due:
             self.stale.add(aggregate.name)
         for aggregate in due:
             if aggregate.name in self.stale:  # a request may have done it meanwhile
                 await self.flights.run(aggregate.name, functools.partial(self._refresh, aggregate))
+        for aggregate in moved:
+            self.changed(aggregate)
         if due:
             # Inspecting may have found other tables (a view redefined): fingerprint them too.
             self.fingerprints.update(await self.fingerprint(

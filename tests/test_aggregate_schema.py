@@ -17,7 +17,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support import eventually, stats
+from tests.support import eventually, open_stream, stats
 
 Start = Callable[..., Any]
 
@@ -81,8 +81,14 @@ async def test_add_rename_retype_drop_column_change_the_answer(
     etag = first.headers["etag"]
     assert get(server, "people", etag).status_code == 304
 
+    stream = await open_stream(server.url + "/events", params={"topic": "aggregates/people"},
+                               until=lambda s: any(e.event == "aggregate.invalidated"
+                                                   for e in s.events), timeout=15)
     await conn.execute("ALTER TABLE public.people ADD COLUMN age int DEFAULT 7")
     etag = await new_shape(server, "people", etag, lambda rows: rows[0] == {"id": 1, "name": "ann", "age": 7})
+    heard = await stream
+    assert [e.json() for e in heard.events] == [{"aggregate": "people"}], \
+        "subscribers hear of the change, as of a data change"
     fields = httpx.get(server.url + "/aggregates/people?fields=id,age", timeout=10)
     assert fields.status_code == 200 and fields.json()["data"][0] == {"id": 1, "age": 7}
 
