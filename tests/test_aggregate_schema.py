@@ -9,6 +9,7 @@ prepared again and answers with the new shape; one that no longer compiles answe
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,54 @@ async def test_a_renamed_table_breaks_then_recovers(server: Any, conn: asyncpg.C
     await eventually(lambda: get(server, "names").status_code == 200, what="names back")
     await eventually(lambda: httpx.get(server.url + "/readyz", timeout=5).json().get("degraded")
                      in (None, []), what="nothing degraded")
+
+
+async def test_schema_changes_under_a_writer(server: Any, conn: asyncpg.Connection,
+                                             database: str) -> None:
+    """With a writer committing all along (so answers are queries, not cache hits, and a
+    query can meet the change before the poller does), every answer is a 200 in one shape
+    or the other, or 503 aggregate_unavailable for the aggregate that broke."""
+    writer = await asyncpg.connect(database)
+    stop = asyncio.Event()
+    written = 0
+
+    async def write() -> None:
+        nonlocal written
+        while not stop.is_set():
+            await writer.execute("INSERT INTO public.people (id) VALUES ($1)", 100 + written)
+            written += 1
+            await asyncio.sleep(0.005)  # pacing, not synchronisation
+
+    answers: dict[str, dict[str, int]] = {"people": {}, "names": {}}
+
+    async def until(client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool],
+                    what: str) -> None:
+        async def poll() -> bool:
+            got: dict[str, Any] = {}
+            for name in answers:
+                answer = await client.get(f"/aggregates/{name}")
+                outcome = str(answer.status_code)
+                if answer.status_code != 200:
+                    outcome += " " + answer.json()["error"]["code"]
+                answers[name][outcome] = answers[name].get(outcome, 0) + 1
+                got[name] = (answer.status_code, answer.json())
+            return done(got)
+        await eventually(poll, what=what)
+
+    task = asyncio.create_task(write())
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            await eventually(lambda: written >= 5, what="the writer writing")
+            await conn.execute("ALTER TABLE public.people DROP COLUMN name")
+            await until(client, lambda got: got["names"][0] == 503 and got["people"][0] == 200
+                        and "name" not in got["people"][1]["data"][0], "names broken")
+            await conn.execute("ALTER TABLE public.people ADD COLUMN name text")
+            await until(client, lambda got: got["names"][0] == 200
+                        and "name" in got["people"][1]["data"][0], "names back")
+    finally:
+        stop.set()
+        await task
+        await writer.close()
+    assert set(answers["people"]) == {"200"}, answers
+    assert set(answers["names"]) <= {"200", "503 aggregate_unavailable"}, answers
+    assert written >= 10
