@@ -341,22 +341,21 @@ class Aggregates:
             page, limit = values["page"], values["limit"]
             args += [limit, (page - 1) * limit]
         timeout = spec.timeout or self.settings.aggregate_timeout_seconds
-        started = time.perf_counter()
+        started: float | None = None  # the query's time, not the queue's
         try:
-            async with self.admission.connection(state.aggregate_pool, aggregate.name) as conn:
-                started = time.perf_counter()  # the query's time, not the queue's
-                self.queries += 1
-                async with conn.transaction(readonly=True):
-                    await conn.execute(query("become_reader"), claims, statement_timeout(timeout))
-                    client_timeout = timeout + CLIENT_TIMEOUT_MARGIN
-                    row = await conn.fetchrow(aggregate.query, *args, timeout=client_timeout)
-                    total = None
-                    if spec.paged:
-                        total = row[1] if row is not None else None
-                        if total is None:  # past the last page: no row carried the count
-                            total = await conn.fetchval(aggregate.count_query,
-                                                        *args[:len(spec.order)],
-                                                        timeout=client_timeout)
+            for attempt in range(2):
+                try:
+                    async with self.admission.connection(state.aggregate_pool, aggregate.name) as conn:
+                        started = time.perf_counter()
+                        self.queries += 1
+                        row, total = await self._query(conn, aggregate, args, claims, timeout)
+                    break
+                except asyncpg.InvalidCachedStatementError:
+                    # Cannot happen with our wrappers (their own result is always text, and a
+                    # bigint when paged); should it, asyncpg has dropped the statement from its
+                    # cache, and preparing it again in a new transaction is the cure.
+                    if attempt:
+                        raise
         except (asyncpg.DataError, asyncpg.InvalidParameterValueError) as exc:
             # Out-of-range arithmetic and the like, from a value the caller chose.
             raise BadRequest(f"invalid parameter value: {exc}", code="invalid_parameter") from exc
@@ -373,7 +372,9 @@ class Aggregates:
                                                          "aggregate": aggregate.name, "error": repr(exc)})
             raise Unavailable("the aggregate query failed; try again") from exc
         finally:
-            metrics.AGGREGATE_QUERY_DURATION.labels(aggregate.name).observe(time.perf_counter() - started)
+            if started is not None:
+                metrics.AGGREGATE_QUERY_DURATION.labels(aggregate.name).observe(
+                    time.perf_counter() - started)
         data = (row[0] if row is not None else None) or "[]"
         meta: dict[str, Any] = {}
         if spec.paged:
@@ -387,6 +388,23 @@ class Aggregates:
         if not aggregate.unwatched:
             self.cache.put(key, entry)
         return entry
+
+    @staticmethod
+    async def _query(conn: Any, aggregate: Aggregate, args: list[Any], claims: str,
+                     seconds: float) -> tuple[Any, int | None]:
+        """The wrapped query in a read-only transaction as ``pgsse_reader``: (row, total)."""
+        spec = aggregate.spec
+        async with conn.transaction(readonly=True):
+            await conn.execute(query("become_reader"), claims, statement_timeout(seconds))
+            client_timeout = seconds + CLIENT_TIMEOUT_MARGIN
+            row = await conn.fetchrow(aggregate.query, *args, timeout=client_timeout)
+            total = None
+            if spec.paged:
+                total = row[1] if row is not None else None
+                if total is None:  # past the last page: no row carried the count
+                    total = await conn.fetchval(aggregate.count_query, *args[:len(spec.order)],
+                                                timeout=client_timeout)
+        return row, total
 
     def openapi_paths(self, errors: dict[str, Any],
                       allows: Callable[[str], bool] | None = None) -> dict[str, Any]:
