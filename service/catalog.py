@@ -184,7 +184,10 @@ def openapi_paths(items: list[Aggregate], errors: dict[str, Any]) -> dict[str, A
             "summary": aggregate.spec.description or aggregate.name,
             "parameters": params,
             "responses": {"200": {"description": "Rows and meta", "content": json_object},
-                          "304": {"description": "Not modified"}, **errors}}}
+                          "304": {"description": "Not modified"},
+                          "503": {"description": "busy, aggregate_timeout (both with Retry-After) "
+                                                 "or aggregate_unavailable (the schema moved)",
+                                  "content": json_object}, **errors}}}
     return paths
 
 
