@@ -199,3 +199,44 @@ async def test_schema_changes_under_a_writer(server: Any, conn: asyncpg.Connecti
     assert set(answers["people"]) == {"200"}, answers
     assert set(answers["names"]) <= {"200", "503 aggregate_unavailable"}, answers
     assert written >= 10
+
+
+async def test_shapes_in_process(tmp_path: Path) -> None:
+    """``Shapes`` without a database: a broken aggregate answers from memory, is not inspected
+    again on every request, and recovers once its inspection passes."""
+    from pgsse.catalog import Aggregate
+    from pgsse.shapes import AggregateUnavailable, Shapes
+    from pgsse.sqlfiles import AggregateFileError, parse
+
+    path = tmp_path / "names.sql"
+    path.write_text(NAMES)
+    aggregate = Aggregate(parse(path))
+    broken: list[str] = ["42703: column \"name\" does not exist"]
+    inspected = 0
+    changed: list[str] = []
+
+    async def inspect(a: Aggregate) -> None:
+        nonlocal inspected
+        inspected += 1
+        if broken:
+            raise AggregateFileError(path, 2, broken[0])
+
+    shapes = Shapes({aggregate.name: aggregate}, inspect, lambda: None,  # type: ignore[arg-type, return-value]
+                    lambda a: changed.append(a.name))
+    await shapes.ensure(aggregate)  # neither stale nor broken: nothing to do
+    assert inspected == 0 and shapes.degraded() == []
+
+    shapes.stale.add(aggregate.name)  # what the poller does when a table's fingerprint moves
+    with pytest.raises(AggregateUnavailable) as caught:
+        await shapes.ensure(aggregate)
+    assert caught.value.status == 503 and caught.value.code == "aggregate_unavailable"
+    assert "42703" in caught.value.message and shapes.degraded() == ["names"]
+    for _ in range(5):  # from memory: no inspection per request
+        with pytest.raises(AggregateUnavailable):
+            await shapes.ensure(aggregate)
+    assert inspected == 1
+
+    broken.clear()
+    shapes.stale.add(aggregate.name)
+    await shapes.ensure(aggregate)
+    assert inspected == 2 and shapes.degraded() == []
