@@ -161,7 +161,10 @@ class Shapes:
             self.stale.add(aggregate.name)
         for aggregate in due:
             if aggregate.name in self.stale:  # a request may have done it meanwhile
-                await self.flights.run(aggregate.name, functools.partial(self._refresh, aggregate))
+                try:
+                    await self.flights.run(aggregate.name, functools.partial(self._refresh, aggregate))
+                except Unavailable:
+                    pass  # the database is away: it stays stale, its next request retries
         for aggregate in moved:
             self.changed(aggregate)
         if due:
