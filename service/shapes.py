@@ -82,7 +82,10 @@ class Shapes:
     async def ensure(self, aggregate: Aggregate) -> None:
         """Before serving: prepare a stale aggregate again; raise while it is broken."""
         name = aggregate.name
-        if name in self.stale or (name in self.broken and time.monotonic() >= self.retry_at[name]):
+        # Joining one under way matters: served meanwhile, an answer would carry the new
+        # tables' fingerprints with the old result shape, an ETag that lives one poll.
+        if (name in self.stale or name in self.flights.flights
+                or (name in self.broken and time.monotonic() >= self.retry_at[name])):
             await self.flights.run(name, lambda: self._refresh(aggregate))
         problem = self.broken.get(name)
         if problem is not None:
