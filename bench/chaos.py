@@ -69,6 +69,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[Result]]] = {
     "stuck_exporters": chaos_scenarios.stuck_exporters,
     "frozen_worker": chaos_scenarios.frozen_worker,
     "sigterm_frozen_worker": chaos_scenarios.sigterm_frozen_worker,
+    "slow_aggregate_storm": chaos_scenarios.slow_aggregate_storm,
 }
 
 COLUMNS = ("scenario", "load", "lost", "dup", "reord", "resets", "dropped", "RSS Δ MB",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from .chaos_infra import (
+    DATA,
     Postgres,
     Service,
     SseClient,
@@ -563,3 +565,111 @@ async def sigterm_frozen_worker(run: Run) -> Result:
     if left:
         failures.append(f"{len(left)} worker(s) outlived the supervisor")
     return result.judge(failures)
+# --- slow-aggregate storm (issue 20) -------------------------------------------------------
+
+STORM_SLOW_SQL = """-- Slow on purpose (chaos suite: the slow-aggregate storm).
+-- param n: int
+SELECT :n AS n FROM pg_sleep({seconds})
+"""
+STORM_FAST_SQL = """-- Fast (chaos suite: the slow-aggregate storm); k makes each request a query.
+-- param k: int
+SELECT :k AS k, count(*) AS events FROM realtime.events
+"""
+
+
+async def slow_aggregate_storm(run: Run) -> Result:
+    """One client's burst of slow aggregate requests, with distinct parameters (no single
+    flight), beside everyone else: ``/readyz``, ``GET /events/{position}``, a fast aggregate and
+    clients resuming from history must each answer within 1 s throughout; the storm gets 200s
+    or 503 ``busy`` (with ``Retry-After``), nothing else."""
+    storm, seconds, n_clients, n_events = (50, 2, 5, 500) if run.quick else (100, 5, 10, 2000)
+    result = Result("slow_aggregate_storm", f"{storm} concurrent {seconds} s aggregate requests "
+                    f"(distinct params) beside /readyz, /events/{{p}}, a fast aggregate and "
+                    f"{n_clients} clients resuming from history")
+    topic = "chaos_storm"
+    agg_dir = DATA / "aggregates_storm"
+    agg_dir.mkdir(parents=True, exist_ok=True)
+    (agg_dir / "chaos_slow.sql").write_text(STORM_SLOW_SQL.format(seconds=seconds))
+    (agg_dir / "chaos_fast.sql").write_text(STORM_FAST_SQL)
+    env = {"AGGREGATES_DIR": str(agg_dir), "REPLAY_MEMORY_BYTES": "0"}  # resumes read PostgreSQL
+    async with service_on_fresh_db(run.pg, result.scenario, env) as (service, conn):
+        base = Baseline(service)
+        head = await last_position(conn)
+        await publish_series(conn, topic, n_events)
+        await wait_sequenced(conn, head + n_events, 30)
+        truth = await truth_of(conn, topic)
+        first = truth[0][0]
+        statuses: dict[str, int] = {}
+
+        async def one(i: int) -> None:
+            try:
+                answer = await service.get(f"/aggregates/chaos_slow?n={i}", timeout=120)
+                key = str(answer.status)
+                if answer.status == 503:
+                    key += " " + str(json.loads(answer.body)["error"]["code"])
+                    key += "" if "retry-after" in answer.headers else " (no Retry-After)"
+                if key not in ("200", "503 busy"):
+                    result.figures.setdefault("other_answers", []).append(answer.body[:300].decode())
+            except (OSError, TimeoutError, ValueError) as exc:
+                key = type(exc).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+
+        started = time.monotonic()
+        tasks = [asyncio.create_task(one(i)) for i in range(storm)]
+        in_flight = await wait_until(
+            lambda: _stats_in_flight(service, storm // 5), 20, 0.05)
+        result.figures["storm_in_flight_seen"] = bool(in_flight)
+        clients = [SseClient(service.port, topic, last_id=str(first - 1)) for _ in range(n_clients)]
+        clients_started = time.monotonic()
+        client_tasks = await run_clients(clients, 90)
+        worst: dict[str, float] = {}
+
+        async def first_events() -> None:
+            if await wait_until(lambda: all(c.items for c in clients), 60, 0.01):
+                worst["resume_first_event"] = time.monotonic() - clients_started
+        first_events_task = asyncio.create_task(first_events())
+        probe_errors: list[str] = []
+        rounds = 0
+        probe_until = started + 3 * seconds + 30
+        while not all(t.done() for t in tasks) and time.monotonic() < probe_until:
+            rounds += 1
+            await asyncio.sleep(0.05)  # pacing: a probe every ~50 ms, not a busy loop
+            for name, path in (("readyz", "/readyz"), ("event_lookup", f"/events/{first}"),
+                               ("fast_aggregate", f"/aggregates/chaos_fast?k={rounds}")):
+                t0 = time.monotonic()
+                try:
+                    answer = await service.get(path, timeout=30)
+                    if answer.status != 200:
+                        probe_errors.append(f"{name} {answer.status}")
+                except (OSError, TimeoutError, ValueError) as exc:
+                    probe_errors.append(f"{name} {type(exc).__name__}")
+                worst[name] = max(worst.get(name, 0.0), time.monotonic() - t0)
+        await asyncio.gather(*tasks)
+        await first_events_task
+        if "resume_first_event" not in worst:
+            probe_errors.append("a resuming client got no event within 60 s")
+        result.figures.update(storm_seconds=round(time.monotonic() - started, 1),
+                              storm_statuses=statuses, probe_rounds=rounds,
+                              worst_seconds={k: round(v, 3) for k, v in worst.items()},
+                              probe_errors=probe_errors[:5])
+        await publish_end(conn, topic, clients)
+        await finish(client_tasks, 45)
+        tally_clients(result, clients, truth)
+        await base.deltas(result)
+    failures = loss_failures(result, clients, resets_ok=False)
+    slow = {k: round(v, 2) for k, v in worst.items() if v > 1.0}
+    if slow:
+        failures.append(f"waited behind the storm (> 1 s): {slow}")
+    if probe_errors:
+        failures.append(f"probes failed: {probe_errors[:3]}")
+    other = {k: v for k, v in statuses.items() if k not in ("200", "503 busy")}
+    if other:
+        failures.append(f"storm answers other than 200 / 503 busy + Retry-After: {other}")
+    return result.judge(failures)
+
+
+async def _stats_in_flight(service: Service, at_least: int) -> bool:
+    try:
+        return int((await service.stats())["cache"]["in_flight"]) >= at_least
+    except (OSError, TimeoutError, ValueError, KeyError):
+        return False

@@ -27,6 +27,10 @@ Protocol:
   ``request.jwt.claims`` set to the caller's claims, so row-level security applies. With
   auth on, those claims (less the token's timestamps) are part of the cache key and ETag:
   one tenant's rows never reach another, even through a policy the SQL does not mention.
+- Queries run on a pool of their own, shared out per aggregate with a bounded wait and a
+  statement timeout (``admission``); schema changes are followed (``shapes``): the result's
+  columns and types are part of the ETag, and an aggregate that no longer compiles answers
+  503 ``aggregate_unavailable`` until it does again.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from . import catalog, export, metrics
+from .admission import Admission, statement_timeout
 from .caching import (
     GZIP_MIN,
     Entry,
@@ -60,6 +65,7 @@ from .errors import BadRequest, NotFound, PgsseError, Unavailable
 from .hub import Event, Subscription, Transient
 from .queries import query
 from .settings import Settings
+from .shapes import Shapes
 from .sqlparams import resolve
 from .topics import covers
 
@@ -75,7 +81,10 @@ VOLATILE_CLAIMS = frozenset({"exp", "iat", "nbf", "jti"})
 ETAG_MEMO_BYTES = 8 << 20
 ETAG_ENTRY_OVERHEAD = 400  # dict slot, tuple, strings: measured with tracemalloc, rounded up
 MAX_PARAM_CHARS = 1024
-QUERY_TIMEOUT = "15s"
+# Errors that say the schema moved under a prepared aggregate: class 42 (undefined column or
+# table, permission denied, …) and 0A000 ("cached plan must not change result type").
+SCHEMA_ERRORS = (asyncpg.SyntaxOrAccessError, asyncpg.FeatureNotSupportedError)
+CLIENT_TIMEOUT_MARGIN = 5.0  # should the server's own statement_timeout not fire
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,10 @@ class Collaborators:
     def pool(self) -> asyncpg.Pool:
         return self.database.pool
 
+    @property
+    def aggregate_pool(self) -> asyncpg.Pool:
+        return self.database.aggregate_pool
+
 
 class Aggregates:
     def __init__(self, settings: Settings, deps: Collaborators) -> None:
@@ -105,12 +118,16 @@ class Aggregates:
         self.by_table: dict[str, list[Aggregate]] = {}
         self.cache = ResultCache(settings.aggregate_cache_bytes)
         self.flights: SingleFlight[Entry] = SingleFlight()
-        self.etags: dict[Hashable, tuple[tuple[int, ...], int, str]] = {}
+        self.etags: dict[Hashable, tuple[tuple[int, ...], int, str, tuple[str, ...]]] = {}
         self.etag_bytes = 0
         self.counters: dict[tuple[str, str], Any] = {}
         self.hits = self.misses = self.queries = 0
         self.ready = False
         self.exporter = export.Exporter.from_settings(settings)
+        self.admission = Admission(settings.aggregate_pool_size,
+                                   settings.aggregate_pool_wait_seconds)
+        self.shapes = Shapes(self.items, self._reinspect, lambda: self.deps.pool,
+                             lambda a: self.deps.hub.publish_transient(invalidation(a.name)))
 
     # -- lifecycle and versions --------------------------------------------------------
 
@@ -142,8 +159,25 @@ class Aggregates:
                 "Vary": "Accept-Encoding, Authorization, Cookie" if auth else "Accept-Encoding"}
             aggregate.raw_headers = [(k.lower().encode(), v.encode())
                                      for k, v in aggregate.headers.items()]
+        await self.shapes.baseline()
         self.ready = True
         log.info("aggregates loaded", extra={"event": "aggregates_loaded", "count": len(self.items)})
+
+    async def _reinspect(self, aggregate: Aggregate) -> None:
+        """Prepare one aggregate again after a schema change (``shapes``), as at start-up."""
+        before = aggregate.tables
+        async with self.deps.pool.acquire() as conn:
+            await catalog.inspect(conn, aggregate)
+            await self.exporter.prepare(conn, aggregate)
+            if aggregate.tables != before:
+                watched = await catalog.watched_tables(conn)
+                aggregate.unwatched = tuple(t for t in aggregate.tables if t not in watched)
+                for table in before:
+                    readers = self.by_table.get(table, [])
+                    if aggregate in readers:
+                        readers.remove(aggregate)
+                for table in aggregate.tables:
+                    self.by_table.setdefault(table, []).append(aggregate)
 
     def _bump(self, table: str, position: int) -> bool:
         if position > self.versions.get(table, 0):
@@ -196,7 +230,8 @@ class Aggregates:
 
     def cache_stats(self) -> dict[str, Any]:
         return {"entries": len(self.cache), "bytes": self.cache.bytes, "hits": self.hits,
-                "etag_memo_bytes": self.etag_bytes,
+                "etag_memo_bytes": self.etag_bytes, "busy": self.admission.rejected,
+                "degraded": self.shapes.degraded(),
                 "misses": self.misses, "queries": self.queries, "in_flight": len(self.flights)}
 
     # -- HTTP --------------------------------------------------------------------------
@@ -229,6 +264,8 @@ class Aggregates:
         except PgsseError as exc:
             if 400 <= exc.status < 500:
                 self._count(name, "4xx")
+            elif exc.status == 503:  # busy, aggregate_timeout, aggregate_unavailable, unavailable
+                self._count(name, exc.code)
             raise
 
     async def _serve(self, request: Request, aggregate: Aggregate) -> Response:
@@ -236,6 +273,7 @@ class Aggregates:
         principal = await state.auth.identify(request)
         principal.require([aggregate.topic])
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
+        await self.shapes.ensure(aggregate)  # prepared again after a schema change, or 503
         auth = state.auth.enabled
         fmt = export.requested_format(request, aggregate.spec)
         for name, value in request.query_params.multi_items():
@@ -304,11 +342,15 @@ class Aggregates:
         versions = tuple([self.versions.get(t, 0) for t in aggregate.tables])
         ttl = aggregate.spec.ttl
         bucket = int(time.time() // ttl) if ttl else 0
+        # DDL moves no version: the tables' catalogue fingerprints and the result's columns
+        # and types stand for it (``shapes``), the same strings on every replica.
+        schema = (aggregate.shape, *[self.shapes.fingerprints.get(t, "") for t in aggregate.tables])
         known = self.etags.get(key)
-        if known is not None and known[0] == versions and known[1] == bucket:
+        if (known is not None and known[0] == versions and known[1] == bucket
+                and known[3] == schema):
             return known[2]  # the 304 path: no hashing while nothing changed
         text = json.dumps(key, default=str)
-        etag = weak_etag(text, json.dumps([aggregate.tables, versions, bucket]))
+        etag = weak_etag(text, json.dumps([aggregate.tables, versions, bucket]), *schema)
         if known is None:
             # Bounded in bytes, keys included (parameter values are in the key): a flood of
             # unique parameters costs at most ETAG_MEMO_BYTES, then the memo starts over.
@@ -316,7 +358,7 @@ class Aggregates:
             if self.etag_bytes > ETAG_MEMO_BYTES:
                 self.etags.clear()
                 self.etag_bytes = len(text) + ETAG_ENTRY_OVERHEAD
-        self.etags[key] = (versions, bucket, etag)
+        self.etags[key] = (versions, bucket, etag, schema)
         return etag
 
     async def _fill(self, aggregate: Aggregate, key: Hashable, etag: str | None,
@@ -330,26 +372,41 @@ class Aggregates:
         if spec.paged:
             page, limit = values["page"], values["limit"]
             args += [limit, (page - 1) * limit]
-        started = time.perf_counter()
-        self.queries += 1
+        timeout = spec.timeout or self.settings.aggregate_timeout_seconds
+        started: float | None = None  # the query's time, not the queue's
         try:
-            async with state.pool.acquire() as conn, conn.transaction(readonly=True):
-                await conn.execute(query("become_reader"), claims, QUERY_TIMEOUT)
-                row = await conn.fetchrow(aggregate.query, *args)
-                total = None
-                if spec.paged:
-                    total = row[1] if row is not None else None
-                    if total is None:  # past the last page: no row carried the count
-                        total = await conn.fetchval(aggregate.count_query, *args[:len(spec.order)])
+            for attempt in range(2):
+                try:
+                    async with self.admission.connection(state.aggregate_pool, aggregate.name) as conn:
+                        started = time.perf_counter()
+                        self.queries += 1
+                        row, total = await self._query(conn, aggregate, args, claims, timeout)
+                    break
+                except asyncpg.InvalidCachedStatementError:
+                    # Cannot happen with our wrappers (their own result is always text, and a
+                    # bigint when paged); should it, asyncpg has dropped the statement from its
+                    # cache, and preparing it again in a new transaction is the cure.
+                    if attempt:
+                        raise
         except (asyncpg.DataError, asyncpg.InvalidParameterValueError) as exc:
             # Out-of-range arithmetic and the like, from a value the caller chose.
             raise BadRequest(f"invalid parameter value: {exc}", code="invalid_parameter") from exc
+        except (asyncpg.QueryCanceledError, TimeoutError) as exc:
+            log.warning("aggregate query timed out", extra={
+                "event": "aggregate_timeout", "aggregate": aggregate.name, "timeout": timeout})
+            raise Unavailable(f"aggregate {aggregate.name!r} took longer than its {timeout:g}s "
+                              "statement timeout", code="aggregate_timeout",
+                              headers={"Retry-After": str(max(1, math.ceil(timeout)))}) from exc
+        except SCHEMA_ERRORS as exc:
+            raise self.shapes.failed(aggregate, catalog.problem(exc)) from exc
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("aggregate query failed", extra={"event": "aggregate_failed",
                                                          "aggregate": aggregate.name, "error": repr(exc)})
             raise Unavailable("the aggregate query failed; try again") from exc
         finally:
-            metrics.AGGREGATE_QUERY_DURATION.labels(aggregate.name).observe(time.perf_counter() - started)
+            if started is not None:
+                metrics.AGGREGATE_QUERY_DURATION.labels(aggregate.name).observe(
+                    time.perf_counter() - started)
         data = (row[0] if row is not None else None) or "[]"
         meta: dict[str, Any] = {}
         if spec.paged:
@@ -363,6 +420,23 @@ class Aggregates:
         if not aggregate.unwatched:
             self.cache.put(key, entry)
         return entry
+
+    @staticmethod
+    async def _query(conn: Any, aggregate: Aggregate, args: list[Any], claims: str,
+                     seconds: float) -> tuple[Any, int | None]:
+        """The wrapped query in a read-only transaction as ``pgsse_reader``: (row, total)."""
+        spec = aggregate.spec
+        async with conn.transaction(readonly=True):
+            await conn.execute(query("become_reader"), claims, statement_timeout(seconds))
+            client_timeout = seconds + CLIENT_TIMEOUT_MARGIN
+            row = await conn.fetchrow(aggregate.query, *args, timeout=client_timeout)
+            total = None
+            if spec.paged:
+                total = row[1] if row is not None else None
+                if total is None:  # past the last page: no row carried the count
+                    total = await conn.fetchval(aggregate.count_query, *args[:len(spec.order)],
+                                                timeout=client_timeout)
+        return row, total
 
     def openapi_paths(self, errors: dict[str, Any],
                       allows: Callable[[str], bool] | None = None) -> dict[str, Any]:

@@ -43,7 +43,7 @@ STATIC_TYPES = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     url = database_url or settings.database_url
     assert url is not None, "DATABASE_URL (or the embedded PostgreSQL's URL) is required"
-    database = Database(url)
+    database = Database(url, settings.aggregate_pool_size)
     hub = Hub(recent_bytes=settings.replay_memory_bytes)
     auth = Authenticator(settings)
     limits = Limits(settings.max_connections_per_client, settings.aggregate_rate_per_second)

@@ -46,6 +46,9 @@ class Aggregate:
         self.tables: tuple[str, ...] = ()
         self.unwatched: tuple[str, ...] = ()
         self.columns: tuple[str, ...] = ()
+        # The result columns and their types: part of the ETag, so that a schema change that
+        # changes the output changes the ETag (``shapes``).
+        self.shape = ""
         self.headers: dict[str, str] = {}  # Cache-Control and Vary, set at start
         self.raw_headers: list[tuple[bytes, bytes]] = []
         # (The aliases are unlikely names: a result column called like the alias would
@@ -103,6 +106,8 @@ async def inspect(conn: Any, aggregate: Aggregate) -> None:
             raise AggregateFileError(spec.path, spec.line,
                                      f"result column names must be unique: {', '.join(columns)}")
         aggregate.columns = columns
+        aggregate.shape = ",".join(f"{a.name}:{a.type.schema}.{a.type.name}"
+                                   for a in probe.get_attributes())
         if spec.depends is not None:
             for table in spec.depends:
                 if await conn.fetchval("SELECT to_regclass($1)", table) is None:
@@ -141,6 +146,11 @@ async def plan_relations(conn: Any, sql: str, params: int) -> set[tuple[str, str
 _DENIED = re.compile(r"permission denied for (table|view|materialized view|schema|sequence) (\S+)")
 
 
+def problem(exc: asyncpg.PostgresError) -> str:
+    """The SQL error as a message: SQLSTATE, text, and a hint (the GRANT that fixes it)."""
+    return _problem(exc)
+
+
 def _problem(exc: asyncpg.PostgresError) -> str:
     hint = getattr(exc, "hint", None)
     denied = _DENIED.search(str(exc))
@@ -177,7 +187,10 @@ def openapi_paths(items: list[Aggregate], errors: dict[str, Any]) -> dict[str, A
             "summary": aggregate.spec.description or aggregate.name,
             "parameters": params,
             "responses": {"200": {"description": "Rows and meta", "content": json_object},
-                          "304": {"description": "Not modified"}, **errors}}}
+                          "304": {"description": "Not modified"},
+                          "503": {"description": "busy, aggregate_timeout (both with Retry-After) "
+                                                 "or aggregate_unavailable (the schema moved)",
+                                  "content": json_object}, **errors}}}
     return paths
 
 

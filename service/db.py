@@ -59,12 +59,21 @@ class MigrationError(RuntimeError):
 
 
 class Database:
-    """The connection pool, once there is one: it is created in the background (retried
-    while PostgreSQL is down), and until then every user gets ``Unavailable`` (503)."""
+    """The connection pools, once there are some: created in the background (retried while
+    PostgreSQL is down), and until then every user gets ``Unavailable`` (503).
 
-    def __init__(self, url: str) -> None:
+    Three pools, so that no kind of work waits behind another (issue 20): ``pool`` for the
+    service's own reads (history replays, ``/events/{position}``, resume bounds, exports,
+    start-up); ``aggregate_pool`` for aggregate queries, whose duration is the SQL author's
+    (``admission`` shares it out); ``probe_pool``, one connection, for ``/readyz``, which
+    so measures the database and not a queue."""
+
+    def __init__(self, url: str, aggregate_pool_size: int = 8) -> None:
         self.url = url
+        self.aggregate_pool_size = aggregate_pool_size
         self._pool: asyncpg.Pool | None = None
+        self._aggregate_pool: asyncpg.Pool | None = None
+        self._probe_pool: asyncpg.Pool | None = None
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -73,19 +82,36 @@ class Database:
         return self._pool
 
     @property
+    def aggregate_pool(self) -> asyncpg.Pool:
+        if self._aggregate_pool is None:
+            raise Unavailable("the database is not connected yet")
+        return self._aggregate_pool
+
+    @property
+    def probe_pool(self) -> asyncpg.Pool:
+        if self._probe_pool is None:
+            raise Unavailable("the database is not connected yet")
+        return self._probe_pool
+
+    @property
     def connected(self) -> bool:
         return self._pool is not None
 
     async def connect(self, stop: asyncio.Event, **kwargs: Any) -> asyncpg.Pool:
-        self._pool = await wait_for_pool(self.url, stop, **kwargs)
-        return self._pool
+        pool = await wait_for_pool(self.url, stop, **kwargs)
+        self._aggregate_pool = await wait_for_pool(self.url, stop, min_size=1,
+                                                   max_size=self.aggregate_pool_size)
+        self._probe_pool = await wait_for_pool(self.url, stop, min_size=1, max_size=1)
+        self._pool = pool  # last: ``connected`` means every pool is there
+        return pool
 
     async def close(self, seconds: float = 3.0) -> None:
-        if self._pool is not None:
-            try:
-                await asyncio.wait_for(self._pool.close(), timeout=seconds)
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                self._pool.terminate()
+        for pool in (self._pool, self._aggregate_pool, self._probe_pool):
+            if pool is not None:
+                try:
+                    await asyncio.wait_for(pool.close(), timeout=seconds)
+                except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    pool.terminate()
 
 
 def migration_files() -> list[Path]:

@@ -118,6 +118,7 @@ class Lifecycle:
                         "demo-writer")
         await self.listener.started.wait()
         await self.aggregates.start()  # a broken file names itself, its line and the problem
+        self._spawn(self.aggregates.shapes.run(self.stop), "shapes")
         from . import advise  # a leaf: plain EXPLAINs, one warning per aggregate with findings
 
         self._spawn(advise.startup_warnings(self.database.pool,

@@ -115,7 +115,7 @@ HISTORY_PRUNED = Counter(
     "pgsse_history_pruned_events", "Events pruned past HISTORY_RETENTION.", registry=REGISTRY
 )
 AGGREGATE_REQUESTS = Counter(
-    "pgsse_aggregate_requests", "Aggregate requests by outcome (200, 304, 4xx).",
+    "pgsse_aggregate_requests", "Aggregate requests by outcome (200, 304, 4xx, or a 503's error code).",
     ["aggregate", "outcome"], registry=REGISTRY,
 )
 AGGREGATE_QUERY_DURATION = Histogram(

@@ -144,6 +144,10 @@ class Settings:
     export_max_concurrent: int = 4
     export_max_per_client: int = 2
     worker_timeout_seconds: float = 10.0
+    # issue 20: aggregates get a pool of their own, a bounded wait for it, a statement timeout
+    aggregate_pool_size: int = 8
+    aggregate_pool_wait_seconds: float = 5.0
+    aggregate_timeout_seconds: float = 10.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -220,6 +224,10 @@ class Settings:
         take("EXPORT_MAX_CONCURRENT", "export_max_concurrent", _int_range(1, 10_000))
         take("EXPORT_MAX_PER_CLIENT", "export_max_per_client", _int_range(1, 10_000))
         take("WORKER_TIMEOUT", "worker_timeout_seconds", _positive_duration)
+        # issue 20: aggregate pool, its wait bound, the default statement timeout
+        take("AGGREGATE_POOL_SIZE", "aggregate_pool_size", _int_range(1, 1000))
+        take("AGGREGATE_POOL_WAIT", "aggregate_pool_wait_seconds", _positive_duration)
+        take("AGGREGATE_TIMEOUT", "aggregate_timeout_seconds", _positive_duration)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)

@@ -5,6 +5,7 @@
     -- param since: date = 2024-01-01
     -- cache: public, max-age=5, stale-while-revalidate=30
     -- ttl: 60s
+    -- timeout: 2s                         (optional: statement timeout, else AGGREGATE_TIMEOUT)
     -- depends: public.orders
     -- export: order by day, store_id     (optional: a unique key; exports resume after it)
     -- export: count                       (optional: exports send X-Total-Count first)
@@ -85,6 +86,7 @@ class AggregateFile:
     export_order: tuple[tuple[str, bool], ...] = ()
     export_line: int = 0
     export_count: bool = False  # ``-- export: count``
+    timeout: float | None = None  # ``-- timeout: 2s``; None: the AGGREGATE_TIMEOUT setting
 
     @property
     def paged(self) -> bool:
@@ -104,6 +106,7 @@ def parse(path: Path) -> AggregateFile:
     params: list[Param] = []
     cache = "no-cache"
     ttl: float | None = None
+    timeout: float | None = None
     depends: tuple[str, ...] | None = None
     export_order: tuple[tuple[str, bool], ...] = ()
     export_line = 0
@@ -130,6 +133,13 @@ def parse(path: Path) -> AggregateFile:
                 ttl = parse_duration(value)
             except ValueError as exc:
                 raise AggregateFileError(path, number, f"ttl: {exc}") from exc
+        elif key == "timeout":
+            try:
+                timeout = parse_duration(value)
+            except ValueError as exc:
+                raise AggregateFileError(path, number, f"timeout: {exc}") from exc
+            if timeout <= 0:
+                raise AggregateFileError(path, number, "timeout: must be greater than zero")
         elif key == "depends":
             depends = tuple(t.strip() for t in value.split(",") if t.strip())
             if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_$]*\.[A-Za-z_][A-Za-z0-9_$]*", t) for t in depends):
@@ -150,7 +160,7 @@ def parse(path: Path) -> AggregateFile:
             description = text
         elif re.fullmatch(r"[a-z_]+", key) and value:
             raise AggregateFileError(path, number, f"unknown header {key!r} "
-                                     "(param, cache, ttl, depends or export)")
+                                     "(param, cache, ttl, timeout, depends or export)")
     sql = "\n".join(lines[body_start:]).strip().rstrip(";").strip()
     if not sql:
         raise AggregateFileError(path, len(lines) or 1, "no SQL after the header")
@@ -170,7 +180,7 @@ def parse(path: Path) -> AggregateFile:
         raise AggregateFileError(path, body_start + 1 + offset,
                                  f"parameter :{missing} is not declared") from exc
     return AggregateFile(name, path, description, tuple(params), cache, ttl, depends, compiled,
-                         order, body_start + 1, export_order, export_line, export_count)
+                         order, body_start + 1, export_order, export_line, export_count, timeout)
 
 
 def _param(path: Path, number: int, text: str, seen: list[Param]) -> Param:

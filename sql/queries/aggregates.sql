@@ -39,3 +39,18 @@ FROM unnest($1::text[], $2::text[]) AS r(nsp, rel)
 CROSS JOIN LATERAL pg_partition_tree(
     pg_partition_root(to_regclass(format('%I.%I', r.nsp, r.rel)))) p
 JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+
+-- name: table_shapes
+-- A fingerprint of each named table: its oid and storage (relfilenode: a rewrite such as
+-- ALTER COLUMN TYPE … USING, or TRUNCATE, moves it), its columns (number, name, type, typmod)
+-- and privileges; empty when no such table. ALTER TABLE, RENAME, DROP, GRANT and REVOKE
+-- change it (service/shapes.py). $1 schemas, $2 table names.
+SELECT r.nsp || '.' || r.rel AS t,
+       md5(coalesce(c.oid::text || '|' || c.relfilenode::text || '|'
+                    || coalesce(c.relacl::text, '') || '|' || coalesce((
+           SELECT string_agg(a.attnum || ' ' || a.attname || ' ' || a.atttypid || ' ' || a.atttypmod || ' '
+                             || coalesce(a.attacl::text, ''), ',' ORDER BY a.attnum)
+           FROM pg_attribute a
+           WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped), ''), '')) AS shape
+FROM unnest($1::text[], $2::text[]) AS r(nsp, rel)
+LEFT JOIN pg_class c ON c.oid = to_regclass(format('%I.%I', r.nsp, r.rel))
