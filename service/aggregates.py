@@ -63,6 +63,7 @@ from .topics import covers
 if TYPE_CHECKING:
     from .auth import Authenticator
     from .db import Database
+    from .freshness import Freshness
     from .hub import Hub
     from .limits import Limits
 
@@ -83,6 +84,7 @@ class Collaborators:
     hub: Hub
     auth: Authenticator
     limits: Limits
+    freshness: Freshness | None = None  # min_position (issue 22)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -203,6 +205,8 @@ class Aggregates:
         state = self._state()
         principal = state.auth.authenticate(request)
         principal.require([aggregate.topic])
+        if state.freshness is not None:  # min_position: wait for this replica's feed
+            await state.freshness.require(request.query_params.get("min_position"))
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         auth = state.auth.enabled
         fmt = export.requested_format(request, aggregate.spec)

@@ -25,6 +25,7 @@ from .db import Database
 from .errors import Forbidden, Unavailable
 from .feed import Listener, Sequencer
 from .hub import Hub, SubState
+from .replica import StandbyReader
 
 PROBE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable)
 
@@ -62,6 +63,9 @@ class Health:
         checks["draining"] = self.hub.draining
         ok = (checks["database"] == "ok" and checks["feed"] == "ok"
               and checks["aggregates"] == "ok" and not self.hub.draining)
+        if isinstance(listener, StandbyReader):  # READ_DATABASE_URL: the standby's own check
+            checks["replica"] = listener.replica_check()
+            ok = ok and checks["replica"] == "ok"
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
         if not self.auth.enabled:
             body["warnings"] = ["auth_disabled"]

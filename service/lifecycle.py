@@ -31,9 +31,11 @@ log = logging.getLogger("pgsse.lifecycle")
 
 class Lifecycle:
     def __init__(self, settings: Settings, database: Database, hub: Hub, listener: Listener,
-                 sequencer: Sequencer, aggregates: Aggregates) -> None:
+                 sequencer: Sequencer, aggregates: Aggregates,
+                 reads: Database | None = None) -> None:
         self.settings = settings
         self.database = database
+        self.reads = reads or database  # READ_DATABASE_URL: a hot standby's pool
         self.hub = hub
         self.listener = listener
         self.sequencer = sequencer
@@ -70,6 +72,8 @@ class Lifecycle:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_seconds)
         await self.database.close()
+        if self.reads is not self.database:
+            await self.reads.close()
         log.info("stopped", extra={"event": "stopped"})
 
     async def _start_or_exit(self) -> None:
@@ -99,6 +103,8 @@ class Lifecycle:
                 from . import demo
 
                 await demo.install(conn)
+        if self.reads is not self.database:  # retried with backoff while the standby is down
+            await self.reads.connect(self.stop, min_size=1, max_size=10)
         self._spawn(self.sequencer.run(self.stop), "sequencer")
         self._spawn(self.listener.run(self.stop), "listener")
         self._spawn(self.hub.run_sweeper(settings.heartbeat_seconds, settings.slow_client_seconds,

@@ -124,6 +124,10 @@ class Settings:
     header_timeout_seconds: float = 10.0
     workers: int = 1
     data_dir: Path = field(default_factory=lambda: Path.cwd() / ".data")
+    # issue 22: read replicas (a hot standby for feed, history and aggregates), freshness
+    read_database_url: str | None = None
+    read_poll_interval_seconds: float = 0.02
+    min_position_wait_seconds: float = 2.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -180,6 +184,10 @@ class Settings:
         take("HEADER_TIMEOUT", "header_timeout_seconds", _positive_duration)
         take("WORKERS", "workers", _workers)
         take("DATA_DIR", "data_dir", lambda t: Path(t).expanduser().resolve())
+        # issue 22: read replicas, freshness
+        take("READ_DATABASE_URL", "read_database_url", optional_str)
+        take("READ_POLL_INTERVAL", "read_poll_interval_seconds", _positive_duration)
+        take("MIN_POSITION_WAIT", "min_position_wait_seconds", _positive_duration)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)

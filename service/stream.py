@@ -287,12 +287,14 @@ class EventStream:
     async def _resume(self, sub: Subscription, position: int, send: Send) -> None:
         try:
             head, pruned_through = await self.history.bounds()
+            # Numbered by a primary that failed over before the standby had it (timelines.py).
+            lost = position > pruned_through and await self.history.skipped(position)
         except HISTORY_ERRORS:
             # The database is away: what the replay window holds can still be served; the
             # catch-up reads say "history unavailable" if it is needed.
-            head, pruned_through = self.hub.position, 0
+            head, pruned_through, lost = self.hub.position, 0, False
         head = max(head, self.hub.position)
-        if position > head:
+        if position > head or lost:
             await self._reset(sub, send, "unknown_position")
             return
         if position < pruned_through:
