@@ -325,9 +325,9 @@ class Listener:
                 metrics.FEED_GAPS.inc()
                 self.cursor = pruned_through
                 self.hub.gap(pruned_through)
+            if await self._skipped(conn, rows[0]["position"]):
+                continue  # past a range skipped on a change of primary (timelines.py)
             if rows[0]["position"] is None:  # the one row of the LEFT JOIN: no events
-                if self.head > self.cursor and await self.rebase(conn):
-                    continue
                 self._advance_head(self.cursor)
                 break
             limit = self.settings.max_event_bytes
@@ -353,6 +353,13 @@ class Listener:
     async def register(self, conn: asyncpg.Connection) -> None:
         """Automatic pruning never removes what this replica has not read yet."""
         await conn.execute(query("register_reader"), self.name, self.cursor)
+
+    async def _skipped(self, conn: asyncpg.Connection, first: int | None) -> bool:
+        """Positions are dense but for a skip on a change of primary: nothing to read while
+        the head is ahead, or a jump, is when to look for one (``timelines.py``)."""
+        assert self.cursor is not None
+        jumped = self.head > self.cursor if first is None else first > self.cursor + 1
+        return jumped and await self.rebase(conn)
 
     async def rebase(self, conn: asyncpg.Connection) -> bool:
         """Past a range of positions skipped on a change of primary (``timelines.py``)."""
