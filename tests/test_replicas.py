@@ -361,3 +361,24 @@ async def _promoted(pair: ReplicaPair) -> bool:
         return not await on_standby(pair, "SELECT pg_is_in_recovery()")
     except (OSError, asyncpg.PostgresError):
         return False
+
+
+# -- deploy --------------------------------------------------------------------------------
+
+
+def test_compose_replicas_profile_has_a_standby_and_two_standby_reading_replicas() -> None:
+    import yaml
+
+    services = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())["services"]
+    standby, replica, edge = (services.get(name, {}) for name in
+                              ("postgres-standby", "pgsse-replica", "nginx-replicas"))
+    assert {"replicas"} == set(standby.get("profiles", [])) == set(replica.get("profiles", [])) \
+        == set(edge.get("profiles", []))
+    assert "pg_basebackup" in " ".join(standby["command"]) and "-R" in " ".join(standby["command"])
+    env = replica["environment"]
+    assert "@postgres:" in env["DATABASE_URL"] and "@postgres-standby:" in env["READ_DATABASE_URL"]
+    assert replica["deploy"]["replicas"] == 2
+    upstream = next(v for v in edge["volumes"] if v.endswith(":/etc/nginx/pgsse-upstream.conf:ro"))
+    conf = (ROOT / "deploy" / upstream.split(":")[0]).resolve().read_text()
+    assert "server pgsse-replica:8000" in conf
+    assert any("allow-replication.sh" in v for v in services["postgres"]["volumes"])
