@@ -30,10 +30,10 @@ import time
 import traceback
 from typing import Any
 
-from . import infra, report, scenarios
+from . import infra, replicas, report, scenarios
 from .loadclient import install_uvloop
 
-ALL = ("streams", "aggregates", "writer")
+ALL = ("streams", "aggregates", "writer", "replicas")
 
 
 def log(msg: str) -> None:
@@ -144,6 +144,14 @@ async def run(args: argparse.Namespace) -> int:
                 out["scenarios"]["writer"] = {"error": repr(exc),
                                               "trace": traceback.format_exc()[-2000:]}
                 log(f"  writer failed: {exc!r}")
+        if "replicas" in only:  # issue 22: its own primary + standby pair (bench/replicas.py)
+            log("read replicas")
+            try:
+                out["scenarios"]["replicas"] = await replicas.run()
+            except Exception as exc:
+                out["scenarios"]["replicas"] = {"error": repr(exc),
+                                                "trace": traceback.format_exc()[-2000:]}
+                log(f"  replicas failed: {exc!r}")
     finally:
         meta["runtime_s"] = round(time.monotonic() - started, 1)
         await asyncio.to_thread(pg.stop)
@@ -155,6 +163,8 @@ async def run(args: argparse.Namespace) -> int:
     path = infra.RESULTS / "report.json"
     path.write_text(json.dumps(out, indent=2, default=str))
     print(report.table(out))
+    if "latency" in out["scenarios"].get("replicas", {}):
+        print("\n" + replicas.table(out["scenarios"]["replicas"]))
     ratios = {**out.get("ratios", {}),
               "aggregates": out["scenarios"].get("aggregates", {}).get("ratios")}
     print(f"\nratios (same run, {os.cpu_count()} cores): {json.dumps(ratios, indent=1)}")
