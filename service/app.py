@@ -56,13 +56,14 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     listener = (StandbyReader(settings, reads.url, url, hub, decoder) if reads is not database
                 else Listener(settings, url, hub, decoder))
     sequencer = Sequencer(settings, url)
-    freshness = Freshness(hub, settings.min_position_wait_seconds)
+    freshness = Freshness(hub, settings.min_position_wait_seconds, lambda: listener.head)
     aggregates = Aggregates(settings, Collaborators(reads, hub, auth, limits, freshness))
     listener.on_batch.append(aggregates.on_events)
     listener.on_batch.append(freshness.on_events)
     lifecycle = Lifecycle(settings, database, hub, listener, sequencer, aggregates, reads)
     stream = EventStream(settings, hub, auth, limits, history, lifecycle.ready_for_streams)
     stream.resume_hooks.append(aggregates.on_resume)
+    stream.reach = freshness.reach
     health = Health(database, hub, listener, sequencer, aggregates, auth, lifecycle.started_at)
 
     routes = [

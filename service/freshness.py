@@ -7,12 +7,17 @@ feed to reach P, woken by each batch the feed hands over, and then answers as us
 ``meta.position`` (the hub position taken before the query) is then at least P. Past the
 wait: 503 ``behind`` with ``Retry-After``, so the client (or a load balancer) tries again or
 elsewhere. Without the parameter nothing changes and nothing waits.
+
+The same wait serves a stream resuming from a position this process has not reached although
+the primary has (``reach``): a client that moves from a replica that was ahead resumes
+without a spurious ``reset``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from .errors import BadRequest, Unavailable
 from .hub import Event, Hub
@@ -22,9 +27,11 @@ RECHECK_SECONDS = 0.1  # the hub's position may also move without a batch (a gap
 
 
 class Freshness:
-    def __init__(self, hub: Hub, wait_seconds: float) -> None:
+    def __init__(self, hub: Hub, wait_seconds: float,
+                 primary_head: Callable[[], int] = lambda: 0) -> None:
         self.hub = hub
         self.wait_seconds = wait_seconds
+        self.primary_head = primary_head  # the last head the feed learned from the primary
         self._moved: asyncio.Event | None = None  # created by the first waiter
 
     def on_events(self, events: list[Event]) -> None:
@@ -41,17 +48,27 @@ class Freshness:
             raise BadRequest("min_position is a decimal integer from 0 to 2^63-1",
                              code="invalid_parameter", param="min_position")
         wanted = int(raw)
+        if not await self._wait(wanted):
+            raise Unavailable(
+                f"this replica has processed events up to {self.hub.position}, "
+                f"not yet {wanted}; retry", code="behind", param="min_position",
+                headers={"Retry-After": "1"}, details={"position": self.hub.position})
+
+    async def reach(self, position: int) -> bool:
+        """A resume from beyond this process's position: wait for it when the primary is
+        known to have numbered it (a standby behind); False otherwise or past the wait."""
+        return position <= self.primary_head() and await self._wait(position)
+
+    async def _wait(self, wanted: int) -> bool:
         deadline = time.monotonic() + self.wait_seconds
         while self.hub.position < wanted:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise Unavailable(
-                    f"this replica has processed events up to {self.hub.position}, "
-                    f"not yet {wanted}; retry", code="behind", param="min_position",
-                    headers={"Retry-After": "1"}, details={"position": self.hub.position})
+                return False
             if self._moved is None:
                 self._moved = asyncio.Event()
             try:
                 await asyncio.wait_for(self._moved.wait(), min(remaining, RECHECK_SECONDS))
             except TimeoutError:
                 pass
+        return True

@@ -161,6 +161,30 @@ async def test_a_replica_delivers_through_the_standby_exactly_once_in_order(
     assert [(e.id, e.data) for e in late.events] == [(e.id, e.data) for e in seen.events]
 
 
+async def test_a_resume_from_a_replica_that_was_ahead_waits_for_the_standby_instead_of_reset(
+        pair: ReplicaPair, servers: list[ServerProcess], tmp_path: Path) -> None:
+    replica = start(servers, tmp_path, pair.primary.url(), pair.standby.url())
+    direct = start(servers, tmp_path, pair.primary.url())
+    await on_standby(pair, "SELECT pg_wal_replay_pause()")
+    ahead = await open_stream(direct.url + "/events", params={"topic": "items"}, max_events=1,
+                              timeout=30)
+    await write(pair.primary.url(), 1, 1)
+    position = int((await ahead).events[0].id)
+    # The replica knows the primary's head (its report), not the event (replay is paused).
+    await eventually(lambda: httpx.get(replica.url + "/stats", timeout=5).json()["head"] >= position,
+                     timeout=10, what="the replica learned the primary's head")
+    # The client moves to the replica that is behind, resuming from what it already has.
+    moved = await open_stream(replica.url + "/events",
+                              params={"topic": "items", "last_event_id": str(position)},
+                              until=lambda s: bool(rows_of(s.events)), timeout=30)
+    await asyncio.sleep(0.3)
+    await on_standby(pair, "SELECT pg_wal_replay_resume()")
+    await write(pair.primary.url(), 2, 1)
+    got = await moved
+    assert [e.event for e in got.events] == ["items.insert"], got.events
+    assert rows_of(got.events) == [(2, 0)]
+
+
 # -- no reads on the primary ---------------------------------------------------------------
 
 # What the feed, history and aggregates run (sql/queries/feed.sql, aggregates.sql); the
