@@ -103,8 +103,6 @@ class Lifecycle:
                 from . import demo
 
                 await demo.install(conn)
-        if self.reads is not self.database:  # retried with backoff while the standby is down
-            await self.reads.connect(self.stop, min_size=1, max_size=10)
         self._spawn(self.sequencer.run(self.stop), "sequencer")
         self._spawn(self.listener.run(self.stop), "listener")
         self._spawn(self.hub.run_sweeper(settings.heartbeat_seconds, settings.slow_client_seconds,
@@ -114,6 +112,8 @@ class Lifecycle:
 
             self._spawn(demo.Writer(self.database.url, settings.demo_rate).run(self.stop),
                         "demo-writer")
+        if self.reads is not self.database:  # a standby that is down: retried, sequencing runs
+            await self.reads.connect(self.stop, min_size=1, max_size=10)
         await self.listener.started.wait()
         await self.aggregates.start()  # a broken file names itself, its line and the problem
         log.info("ready", extra={"event": "started", "position": self.hub.position})

@@ -316,6 +316,33 @@ async def test_readyz_follows_the_standby_and_nothing_is_lost(
         + [(4, n) for n in range(5)])
 
 
+async def test_a_standby_down_at_start_up_delays_readiness_not_sequencing(
+        pair: ReplicaPair, servers: list[ServerProcess], tmp_path: Path) -> None:
+    pair.standby.stop()
+    replica = ServerProcess(pair.primary.url(), {"READ_DATABASE_URL": pair.standby.url()},
+                            tmp_path)
+    servers.append(replica)
+    replica.start(wait_ready=False)
+    primary = await asyncpg.connect(pair.primary.url())
+    try:
+        await primary.execute("INSERT INTO items (writer, n) VALUES (1, 0)")
+        # This process is the only one: its sequencer must number the change meanwhile.
+        await eventually(lambda: primary_head(primary), timeout=20,
+                         what="the change numbered while the standby is down")
+    finally:
+        await primary.close()
+    assert await asyncio.to_thread(lambda: _status(replica)) == 503
+    pair.standby.start()
+    await asyncio.to_thread(replica.wait_ready, 30)
+
+
+def _status(server: ServerProcess) -> int:
+    try:
+        return httpx.get(server.url + "/readyz", timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
+
+
 # -- failover ------------------------------------------------------------------------------
 
 
