@@ -52,7 +52,18 @@ class Node:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def start(self) -> None:
-        run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "start")
+        for attempt in range(3):
+            try:
+                run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30", "start")
+                return
+            except RuntimeError:
+                # Another process took the free port meanwhile (8 suites share this machine):
+                # take a new one (the last ``port`` line wins) and try again.
+                if attempt == 2 or "already in use" not in self.logs():
+                    raise
+                self.port = free_port()
+                with open(self.data / "postgresql.conf", "a") as conf:
+                    conf.write(f"\nport = {self.port}\n")
 
     def stop(self, mode: str = "fast") -> None:
         if (self.data / "postmaster.pid").exists():
