@@ -32,7 +32,11 @@ def pair() -> Iterator[ReplicaPair]:
     # Under the project's .data/, not pytest's tmp dir: pytest narrows /tmp/pytest-of-<user>
     # back to 0700 whenever a session starts, and the servers run as another OS user.
     base = ROOT / ".data" / "test" / f"replicas-{uuid.uuid4().hex[:10]}"
-    built = build_pair(base)
+    try:
+        built = build_pair(base)
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
 
     async def prepare() -> None:
         conn = await asyncpg.connect(built.primary.url())
