@@ -32,10 +32,10 @@ import time
 import traceback
 from typing import Any
 
-from . import dashboards, infra, mercure, report, scenarios
+from . import dashboards, infra, mercure, replicas, report, scenarios
 from .loadclient import install_uvloop
 
-ALL = ("streams", "aggregates", "writer", "dashboards", "mercure")
+ALL = ("streams", "aggregates", "writer", "replicas", "dashboards", "mercure")
 
 
 def log(msg: str) -> None:
@@ -146,6 +146,14 @@ async def run(args: argparse.Namespace) -> int:
                 out["scenarios"]["writer"] = {"error": repr(exc),
                                               "trace": traceback.format_exc()[-2000:]}
                 log(f"  writer failed: {exc!r}")
+        if "replicas" in only:  # issue 22: its own primary + standby pair (bench/replicas.py)
+            log("read replicas")
+            try:
+                out["scenarios"]["replicas"] = await replicas.run()
+            except Exception as exc:
+                out["scenarios"]["replicas"] = {"error": repr(exc),
+                                                "trace": traceback.format_exc()[-2000:]}
+                log(f"  replicas failed: {exc!r}")
         if "dashboards" in only:
             log("dashboards: polling every 5 s vs pgsse (database cost and staleness)")
             try:
@@ -180,6 +188,8 @@ async def run(args: argparse.Namespace) -> int:
     path = infra.RESULTS / "report.json"
     path.write_text(json.dumps(out, indent=2, default=str))
     print(report.table(out))
+    if "latency" in out["scenarios"].get("replicas", {}):
+        print("\n" + replicas.table(out["scenarios"]["replicas"]))
     ratios = {**out.get("ratios", {}),
               "aggregates": out["scenarios"].get("aggregates", {}).get("ratios")}
     print(f"\nratios (same run, {os.cpu_count()} cores): {json.dumps(ratios, indent=1)}")

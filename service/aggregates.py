@@ -72,6 +72,7 @@ from .topics import covers
 if TYPE_CHECKING:
     from .auth import Authenticator
     from .db import Database
+    from .freshness import Freshness
     from .hub import Hub
     from .limits import Limits
 
@@ -95,6 +96,7 @@ class Collaborators:
     hub: Hub
     auth: Authenticator
     limits: Limits
+    freshness: Freshness | None = None  # min_position (issue 22)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -272,6 +274,8 @@ class Aggregates:
         state = self._state()
         principal = await state.auth.identify(request)
         principal.require([aggregate.topic])
+        if state.freshness is not None:  # min_position: wait for this replica's feed
+            await state.freshness.require(request.query_params.get("min_position"))
         state.limits.check_rate(principal.subject or (request.client.host if request.client else ""))
         await self.shapes.ensure(aggregate)  # prepared again after a schema change, or 503
         auth = state.auth.enabled

@@ -27,11 +27,13 @@ from .auth import Authenticator
 from .db import Database
 from .errors import NotFound, PgsseError
 from .feed import EventDecoder, History, Listener, Sequencer
+from .freshness import Freshness
 from .health import Health
 from .hub import Hub
 from .lifecycle import Lifecycle
 from .limits import Limits
 from .middleware import RequestContext
+from .replica import StandbyReader
 from .settings import Settings
 from .stream import EventLookup, EventStream
 
@@ -48,16 +50,23 @@ def create_app(settings: Settings, database_url: str | None = None) -> PgsseApp:
     auth = Authenticator(settings)
     limits = Limits(settings.max_connections_per_client, settings.aggregate_rate_per_second)
     decoder = EventDecoder(settings.max_event_bytes)
-    history = History(database, decoder)
-    listener = Listener(settings, url, hub, decoder)
+    # READ_DATABASE_URL: feed, history and aggregates from a hot standby (replica.py).
+    reads = (Database(settings.read_database_url, settings.aggregate_pool_size)
+             if settings.read_database_url else database)
+    history = History(reads, decoder)
+    listener = (StandbyReader(settings, reads.url, url, hub, decoder) if reads is not database
+                else Listener(settings, url, hub, decoder))
     sequencer = Sequencer(settings, url)
-    aggregates = Aggregates(settings, Collaborators(database, hub, auth, limits))
+    freshness = Freshness(hub, settings.min_position_wait_seconds, lambda: listener.head)
+    aggregates = Aggregates(settings, Collaborators(reads, hub, auth, limits, freshness))
     listener.on_batch.append(aggregates.on_events)
-    lifecycle = Lifecycle(settings, database, hub, listener, sequencer, aggregates)
+    listener.on_batch.append(freshness.on_events)
+    lifecycle = Lifecycle(settings, database, hub, listener, sequencer, aggregates, reads)
     if auth.jwks is not None:  # issue 21: keys fetched in the background from start-up
         lifecycle.also_run("jwks", auth.jwks.run)
     stream = EventStream(settings, hub, auth, limits, history, lifecycle.ready_for_streams)
     stream.resume_hooks.append(aggregates.on_resume)
+    stream.reach = freshness.reach
     health = Health(database, hub, listener, sequencer, aggregates, auth, lifecycle.started_at)
 
     routes = [

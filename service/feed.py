@@ -53,7 +53,7 @@ from typing import Any
 
 import asyncpg
 
-from . import db, metrics
+from . import db, metrics, timelines
 from .hub import Event, Hub, Subscription
 from .queries import Lock, query
 from .settings import Settings
@@ -243,6 +243,10 @@ class History:
         """One event, whole (``GET /events/<position>``), or None when absent or pruned."""
         return await self.database.pool.fetchrow(query("event_by_position"), position)
 
+    async def skipped(self, position: int) -> bool:
+        """Whether ``position`` was skipped on a change of primary (``timelines.py``)."""
+        return bool(await self.database.pool.fetchval(query("position_skipped"), position))
+
 
 class Listener:
     def __init__(self, settings: Settings, url: str, hub: Hub, decoder: EventDecoder) -> None:
@@ -349,6 +353,7 @@ class Listener:
             self.cursor = head
             self.hub.position = head
         self._advance_head(head)
+        await self.rebase(conn)
         self.connected = True
         metrics.FEED_UP.set(1)
 
@@ -366,6 +371,8 @@ class Listener:
                 metrics.FEED_GAPS.inc()
                 self.cursor = pruned_through
                 self.hub.gap(pruned_through)
+            if await self._skipped(conn, rows[0]["position"]):
+                continue  # past a range skipped on a change of primary (timelines.py)
             if rows[0]["position"] is None:  # the one row of the LEFT JOIN: no events
                 self._advance_head(self.cursor)
                 break
@@ -386,9 +393,29 @@ class Listener:
                 break
         metrics.FEED_LAG_POSITIONS.set(max(0, self.head - self.cursor))
         if time.monotonic() - self.registered_at >= REGISTER_EVERY_SECONDS:
-            # Automatic pruning never removes what this replica has not read yet.
-            await conn.execute(query("register_reader"), self.name, self.cursor)
+            await self.register(conn)
             self.registered_at = time.monotonic()
+
+    async def register(self, conn: asyncpg.Connection) -> None:
+        """Automatic pruning never removes what this replica has not read yet."""
+        await conn.execute(query("register_reader"), self.name, self.cursor)
+
+    async def _skipped(self, conn: asyncpg.Connection, first: int | None) -> bool:
+        """Positions are dense but for a skip on a change of primary: nothing to read while
+        the head is ahead, or a jump, is when to look for one (``timelines.py``)."""
+        assert self.cursor is not None
+        jumped = self.head > self.cursor if first is None else first > self.cursor + 1
+        return jumped and await self.rebase(conn)
+
+    async def rebase(self, conn: asyncpg.Connection) -> bool:
+        """Past a range of positions skipped on a change of primary (``timelines.py``)."""
+        assert self.cursor is not None
+        moved = await timelines.rebase(conn, self.cursor, self.hub)
+        if moved is None:
+            return False
+        self.cursor = moved
+        self._advance_head(moved)
+        return True
 
 
 class Sequencer:
@@ -433,6 +460,7 @@ class Sequencer:
                     self.leader = True
                     metrics.SEQUENCER_LEADER.set(1)
                     log.info("sequencer elected", extra={"event": "sequencer_leader"})
+                    await timelines.observe(conn)  # a new primary: skip, never reuse positions
                     await conn.add_listener("realtime_wakeup", self._on_wakeup)
                     await self.lead(conn, stop, backoff)
             except Exception as exc:  # the loop must outlive any failure: reconnect

@@ -28,6 +28,7 @@ from .db import Database
 from .errors import Forbidden, Unavailable
 from .feed import Listener, Sequencer
 from .hub import Hub, SubState
+from .replica import StandbyReader
 
 PROBE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, Unavailable)
 
@@ -73,6 +74,9 @@ class Health:
         ok = (checks["database"] == "ok" and checks["feed"] == "ok" and failure is None
               and checks["aggregates"] == "ok" and not self.hub.draining
               and checks.get("jwks", "ok") == "ok")
+        if isinstance(listener, StandbyReader):  # READ_DATABASE_URL: the standby's own check
+            checks["replica"] = listener.replica_check()
+            ok = ok and checks["replica"] == "ok"
         body: dict[str, Any] = {"status": "ready" if ok else "not_ready", "checks": checks}
         # Aggregates that no longer compile against the schema (contract section 14): the
         # rest of the service serves, so still ready.

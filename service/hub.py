@@ -502,6 +502,23 @@ class Hub:
                 sub.flush()
             # REPLAYING / CATCHING_UP streams read by cursor and find the gap themselves.
 
+    def skip(self, start: int, end: int) -> None:
+        """Positions in ``(start, end]`` were never numbered on the current history (the
+        primary changed, see ``timelines.py``): a stream past ``start`` holds events the new
+        history lacks and gets ``reset`` (unknown_position); the others lost nothing and
+        continue after ``end``."""
+        if self.recent and self.recent[-1].position > start:
+            self.recent.clear()
+            self.recent_bytes = 0
+        if end > self.position:
+            self.position = end
+        reset = reset_event(end, "unknown_position")
+        for sub in list(self.subscriptions):
+            if sub.state is SubState.LIVE and sub.cursor > start:
+                sub.cursor = end
+                sub.push(reset.frame(sub.envelope))
+                sub.flush()
+
     def read_recent(self, after: int, until: int, sub: Subscription,
                     max_bytes: int) -> tuple[list[bytes], int] | None:
         """Frames for ``sub`` in ``(after, until]`` from memory, at most about ``max_bytes``;

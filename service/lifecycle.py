@@ -31,9 +31,11 @@ log = logging.getLogger("pgsse.lifecycle")
 
 class Lifecycle:
     def __init__(self, settings: Settings, database: Database, hub: Hub, listener: Listener,
-                 sequencer: Sequencer, aggregates: Aggregates) -> None:
+                 sequencer: Sequencer, aggregates: Aggregates,
+                 reads: Database | None = None) -> None:
         self.settings = settings
         self.database = database
+        self.reads = reads or database  # READ_DATABASE_URL: a hot standby's pool
         self.hub = hub
         self.listener = listener
         self.sequencer = sequencer
@@ -78,6 +80,8 @@ class Lifecycle:
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=self.settings.shutdown_grace_seconds)
         await self.database.close()
+        if self.reads is not self.database:
+            await self.reads.close()
         log.info("stopped", extra={"event": "stopped"})
 
     async def _start_or_exit(self) -> None:
@@ -116,6 +120,8 @@ class Lifecycle:
 
             self._spawn(demo.Writer(self.database.url, settings.demo_rate).run(self.stop),
                         "demo-writer")
+        if self.reads is not self.database:  # a standby that is down: retried, sequencing runs
+            await self.reads.connect(self.stop, min_size=1, max_size=10)
         await self.listener.started.wait()
         await self.aggregates.start()  # a broken file names itself, its line and the problem
         self._spawn(self.aggregates.shapes.run(self.stop), "shapes")

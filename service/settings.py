@@ -148,6 +148,10 @@ class Settings:
     aggregate_pool_size: int = 8
     aggregate_pool_wait_seconds: float = 5.0
     aggregate_timeout_seconds: float = 10.0
+    # issue 22: read replicas (a hot standby for feed, history and aggregates), freshness
+    read_database_url: str | None = None
+    read_poll_interval_seconds: float = 0.02
+    min_position_wait_seconds: float = 2.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -228,6 +232,10 @@ class Settings:
         take("AGGREGATE_POOL_SIZE", "aggregate_pool_size", _int_range(1, 1000))
         take("AGGREGATE_POOL_WAIT", "aggregate_pool_wait_seconds", _positive_duration)
         take("AGGREGATE_TIMEOUT", "aggregate_timeout_seconds", _positive_duration)
+        # issue 22: read replicas, freshness
+        take("READ_DATABASE_URL", "read_database_url", optional_str)
+        take("READ_POLL_INTERVAL", "read_poll_interval_seconds", _positive_duration)
+        take("MIN_POSITION_WAIT", "min_position_wait_seconds", _positive_duration)
         if problems:
             raise ConfigError(problems)
         values.update(overrides)

@@ -24,7 +24,7 @@ from .errors import BadRequest, Forbidden
 
 PG_TYPES = {"int": "bigint", "float": "float8", "numeric": "numeric", "text": "text",
             "bool": "boolean", "date": "date", "timestamp": "timestamptz"}
-RESERVED = frozenset({"fields", "access_token"})
+RESERVED = frozenset({"fields", "access_token", "min_position"})  # min_position: freshness.py
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 MAX_LIMIT = 1000
 _INT = re.compile(r"[+-]?[0-9]{1,19}", re.ASCII)

@@ -25,7 +25,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 from starlette.requests import Request
@@ -173,6 +173,9 @@ class EventStream:
         self.history = history
         self.ready = ready
         self.resume_hooks: list[ResumeHook] = []
+        # A resume from a position the primary has but this process's feed has not read yet
+        # (a standby replays later): wait for it (freshness.py) rather than reset.
+        self.reach: Callable[[int], Awaitable[bool]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -310,12 +313,16 @@ class EventStream:
     async def _resume(self, sub: Subscription, position: int, send: Send) -> None:
         try:
             head, pruned_through = await self.history.bounds()
+            # Numbered by a primary that failed over before the standby had it (timelines.py).
+            lost = position > pruned_through and await self.history.skipped(position)
         except HISTORY_ERRORS:
             # The database is away: what the replay window holds can still be served; the
             # catch-up reads say "history unavailable" if it is needed.
-            head, pruned_through = self.hub.position, 0
+            head, pruned_through, lost = self.hub.position, 0, False
         head = max(head, self.hub.position)
-        if position > head:
+        if position > head and not lost and self.reach is not None and await self.reach(position):
+            head = position
+        if position > head or lost:
             await self._reset(sub, send, "unknown_position")
             return
         if position < pruned_through:

@@ -221,7 +221,8 @@ function queryString(params) {
 }
 
 /**
- * GET /aggregates/<name> with If-None-Match: a 304 returns the body it revalidated.
+ * GET /aggregates/<name> with If-None-Match: a 304 returns the body it revalidated. Once the
+ * client has an event id it is sent as `min_position` (the data reflects it, on any replica).
  * Resolves to `{data, meta}`; a non-2xx throws an Error with `status` and `body`.
  */
 export async function fetchAggregate(rt, name, params = {}, init = {}) {
@@ -231,7 +232,12 @@ export async function fetchAggregate(rt, name, params = {}, init = {}) {
   const headers = new Headers(init.headers || {});
   if (cached) headers.set("If-None-Match", cached.etag);
   reg.stats.requests += 1;
-  const res = await rt.request(path, { ...init, headers });
+  // Read-your-events across replicas: the answer reflects every event this client applied
+  // (a replica behind it waits, or answers 503 `behind`). Not part of the ETag cache key.
+  const since = rt.lastEventId;
+  const fresh = since !== null && /^[0-9]+$/.test(since)
+    ? path + (path.includes("?") ? "&" : "?") + "min_position=" + since : path;
+  const res = await rt.request(fresh, { ...init, headers });
   const poll = reg.polls.get(path) || { intervalMs: 0 };
   reg.polls.set(path, poll);
   if (res.status === 304 && cached) {
