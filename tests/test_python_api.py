@@ -8,6 +8,7 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,8 +242,9 @@ class HostProcess(ServerProcess):
     uvicorn's own HTTP protocol (none of pgsse's). ``url`` is the mount's, ``base`` the host's."""
 
     def __init__(self, database_url: str, env: dict[str, str] | None = None,
-                 log_dir: Path | None = None) -> None:
+                 log_dir: Path | None = None, http: str | None = None) -> None:
         super().__init__(database_url, {"RETRY_MS": "300", **(env or {})}, log_dir)
+        self.http = ["--http", http] if http else []
         self.base = self.url
         self.url = self.base + "/realtime"
 
@@ -254,7 +256,7 @@ class HostProcess(ServerProcess):
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "tests.python_host:app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--no-access-log"],
+             "--port", str(self.port), "--no-access-log", *self.http],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_ready(timeout)
@@ -274,7 +276,7 @@ class HostProcess(ServerProcess):
 def host(database: str, tmp_path: Path) -> Any:
     hosts: list[HostProcess] = []
 
-    async def start(env: dict[str, str] | None = None) -> HostProcess:
+    async def start(env: dict[str, str] | None = None, http: str | None = None) -> HostProcess:
         conn = await asyncpg.connect(database)
         try:
             await conn.execute("CREATE TABLE IF NOT EXISTS bills (id int PRIMARY KEY, status text)")
@@ -282,7 +284,7 @@ def host(database: str, tmp_path: Path) -> Any:
                                "ON CONFLICT DO NOTHING")
         finally:
             await conn.close()
-        hosts.append(HostProcess(database, env, tmp_path))
+        hosts.append(HostProcess(database, env, tmp_path, http))
         return await asyncio.to_thread(hosts[-1].start)
 
     yield start
@@ -427,3 +429,31 @@ async def test_client_gets_200_events_exactly_once_in_order_across_two_host_rest
     assert out.returncode == 0, out.stderr
     assert [json.loads(line) for line in out.stdout.splitlines()] == [
         {"id": after[1].id, "type": "tick", "topic": "ticks/x", "data": {"n": 200}}]
+
+
+async def test_a_host_uvicorn_with_pgsse_protocol_gets_the_header_timeout_and_direct_writes(
+        host: Any, conn: asyncpg.Connection) -> None:
+    """``--http pgsse.protocol:HttpProtocol`` in the host's uvicorn: a request whose headers
+    never complete is closed after ``HEADER_TIMEOUT`` (a plain uvicorn keeps it), and live
+    events still reach a mounted stream (written by the hub to the socket itself)."""
+    app = await host({"HEADER_TIMEOUT": "1"}, http="pgsse.protocol:HttpProtocol")
+    reader = await open_stream(app.url + "/events", params={"topic": "direct"},
+                               until=lambda s: len(s.events) >= 2, timeout=20)
+    for n in (1, 2):
+        await pgsse.publish(conn, "direct", "tick", {"n": n})
+    assert [e.json() for e in (await reader).events] == [{"n": 1}, {"n": 2}]
+
+    def held_seconds() -> float | None:
+        with socket.create_connection(("127.0.0.1", app.port), timeout=10) as sock:
+            sock.sendall(b"GET /realtime/healthz HTTP/1.1\r\nHost: x\r\n")  # never ends
+            started = time.monotonic()
+            sock.settimeout(8)
+            try:
+                return time.monotonic() - started if sock.recv(1) == b"" else None
+            except TimeoutError:
+                return None
+            except ConnectionResetError:
+                return time.monotonic() - started
+
+    held = await asyncio.to_thread(held_seconds)
+    assert held is not None and held < 6, f"a header-incomplete connection held {held} s"
