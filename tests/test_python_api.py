@@ -457,3 +457,60 @@ async def test_a_host_uvicorn_with_pgsse_protocol_gets_the_header_timeout_and_di
 
     held = await asyncio.to_thread(held_seconds)
     assert held is not None and held < 6, f"a header-incomplete connection held {held} s"
+
+
+# --- pgsse.Client: tokens, refusals -------------------------------------------------------
+
+SECRET = "python-api-test-secret-0123456789abcdef"
+
+
+async def test_client_token_callable_is_asked_again_after_401_and_auth_expired(
+        start_server: Any, conn: asyncpg.Connection) -> None:
+    from pgsse.auth import mint
+
+    server = await asyncio.to_thread(start_server, {"AUTH_SECRET": SECRET, "RETRY_MS": "200"})
+    issued: list[str] = []
+
+    async def token() -> str:  # async on purpose; a plain function works the same
+        issued.append("bad" if not issued else "short" if len(issued) == 1 else "long")
+        if issued[-1] == "bad":
+            return "not-a-jwt"  # the service answers 401: the client asks again at once
+        return mint(SECRET, ["secured"], 2 if issued[-1] == "short" else 300)
+
+    client = pgsse.Client(server.url, "secured", token=token, last_event_id=0, max_backoff=1.0)
+    got: list[pgsse.Event] = []
+    consumer = asyncio.create_task(collect(client, 10, got))
+    try:
+        for n in range(5):
+            await pgsse.publish(conn, "secured", "tick", {"n": n})
+        await eventually(lambda: len(got) >= 5, timeout=20, what="the first five")
+        # The 2 s token expires mid-stream (auth_expired): a fresh one, then the rest.
+        await eventually(lambda: len(issued) >= 3, timeout=20, what="a token after auth_expired")
+        for n in range(5, 10):
+            await pgsse.publish(conn, "secured", "tick", {"n": n})
+        await asyncio.wait_for(consumer, 30)
+    finally:
+        consumer.cancel()
+    assert [e.data["n"] for e in got] == list(range(10))
+    assert issued[:3] == ["bad", "short", "long"] and client.connections >= 2
+    assert "auth_expired" not in {e.type for e in got}
+
+
+async def test_client_raises_on_refusals_a_retry_cannot_fix(start_server: Any) -> None:
+    from pgsse.auth import mint
+
+    server = await asyncio.to_thread(start_server, {"AUTH_SECRET": SECRET})
+    with pytest.raises(pgsse.ClientError) as refused:
+        async for _ in pgsse.Client(server.url, "theirs", token=mint(SECRET, ["mine"], 60)):
+            pass
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    with pytest.raises(pgsse.ClientError) as unauthorized:
+        async for _ in pgsse.Client(server.url, "mine", token="not-a-jwt"):
+            pass
+    assert unauthorized.value.status == 401
+    with pytest.raises(ValueError):
+        pgsse.Client(server.url, ["bad topic"])
+    out = await asyncio.to_thread(subprocess.run, [
+        sys.executable, "-m", "pgsse", "tail", "theirs", "--url", server.url,
+        "--token", mint(SECRET, ["mine"], 60)], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "403 forbidden" in out.stderr and out.stdout == ""
