@@ -242,11 +242,14 @@ class HostProcess(ServerProcess):
     uvicorn's own HTTP protocol (none of pgsse's). ``url`` is the mount's, ``base`` the host's."""
 
     def __init__(self, database_url: str, env: dict[str, str] | None = None,
-                 log_dir: Path | None = None, http: str | None = None) -> None:
+                 log_dir: Path | None = None, http: str | None = None,
+                 target: str = "tests.python_host:app") -> None:
         super().__init__(database_url, {"RETRY_MS": "300", **(env or {})}, log_dir)
         self.http = ["--http", http] if http else []
+        self.target = target
         self.base = self.url
-        self.url = self.base + "/realtime"
+        if target.endswith(":app"):
+            self.url = self.base + "/realtime"
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> HostProcess:
         import os
@@ -255,7 +258,7 @@ class HostProcess(ServerProcess):
         env.update({"DATABASE_URL": self.database_url, "LOG_FORMAT": "json", **self.extra_env})
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.python_host:app", "--host", "127.0.0.1",
+            [sys.executable, "-m", "uvicorn", self.target, "--host", "127.0.0.1",
              "--port", str(self.port), "--no-access-log", *self.http],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
@@ -276,7 +279,8 @@ class HostProcess(ServerProcess):
 def host(database: str, tmp_path: Path) -> Any:
     hosts: list[HostProcess] = []
 
-    async def start(env: dict[str, str] | None = None, http: str | None = None) -> HostProcess:
+    async def start(env: dict[str, str] | None = None, http: str | None = None,
+                    target: str = "tests.python_host:app") -> HostProcess:
         conn = await asyncpg.connect(database)
         try:
             await conn.execute("CREATE TABLE IF NOT EXISTS bills (id int PRIMARY KEY, status text)")
@@ -284,7 +288,7 @@ def host(database: str, tmp_path: Path) -> Any:
                                "ON CONFLICT DO NOTHING")
         finally:
             await conn.close()
-        hosts.append(HostProcess(database, env, tmp_path, http))
+        hosts.append(HostProcess(database, env, tmp_path, http, target))
         return await asyncio.to_thread(hosts[-1].start)
 
     yield start
@@ -514,3 +518,17 @@ async def test_client_raises_on_refusals_a_retry_cannot_fix(start_server: Any) -
         sys.executable, "-m", "pgsse", "tail", "theirs", "--url", server.url,
         "--token", mint(SECRET, ["mine"], 60)], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "403 forbidden" in out.stderr and out.stdout == ""
+
+
+async def test_an_app_served_alone_runs_its_own_lifespan_and_stops_on_sigterm(
+        host: Any, conn: asyncpg.Connection) -> None:
+    app = await host(target="tests.python_host:rt")  # uvicorn serving the pgsse.App itself
+    reader = await open_stream(app.url + "/events", params={"topic": "alone"},
+                               until=lambda s: len(s.events) >= 1, timeout=20)
+    await pgsse.publish(conn, "alone", "tick", {"n": 1})
+    assert [e.json() for e in (await reader).events] == [{"n": 1}]
+    stream = await open_stream(app.url + "/events", params={"topic": "alone"}, timeout=30)
+    took = await asyncio.to_thread(app.restart)  # with that stream open
+    assert took < 10
+    ended = await stream
+    assert ended.ended and len(ended.retries) == 2  # the opening retry:, then the draining one
