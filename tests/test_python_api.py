@@ -23,7 +23,7 @@ import httpx
 import pgsse
 import pytest
 
-from tests.support import ROOT, ServerProcess, eventually, open_stream
+from tests.support import ROOT, ServerProcess, eventually, free_port, open_stream
 from tests.test_capture import events as sequenced_events
 
 # --- pgsse.publish: every driver, in the caller's transaction ---------------------------
@@ -532,3 +532,57 @@ async def test_an_app_served_alone_runs_its_own_lifespan_and_stops_on_sigterm(
     assert took < 10
     ended = await stream
     assert ended.ended and len(ended.retries) == 2  # the opening retry:, then the draining one
+
+
+# --- pgsse.Client against a scripted SSE server: retry:, backoff, duplicates ------------
+
+
+async def test_client_honours_retry_backs_off_and_never_yields_an_id_twice() -> None:
+    """A scripted server: the stream ends after ``retry: 700``; the next connection must come
+    no sooner, with ``Last-Event-ID``; two 503s back off; a replay from before the client's
+    id is not yielded again; an event without ``id:`` (an invalidation) has ``id`` None."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    seen: list[tuple[float, str | None]] = []
+
+    def frame(id_: int | None, type_: str, topic: str | None, data: Any) -> str:
+        head = f"id: {id_}\n" if id_ is not None else ""
+        return head + f"event: {type_}\ndata: " + json.dumps({"topic": topic, "data": data}) + "\n\n"
+
+    async def events(request: Request) -> Response:
+        seen.append((time.monotonic(), request.headers.get("last-event-id")))
+        assert request.query_params.getlist("topic") == ["a"] and request.query_params["envelope"] == "1"
+        n = len(seen)
+        if n == 1:
+            body = "retry: 700\n\n" + frame(1, "tick", "a/1", 1)
+        elif n in (2, 3):
+            return JSONResponse({"error": {"code": "unavailable", "message": "x"}}, status_code=503)
+        else:  # replays id 1 (a misbehaving replica) before 2, then an invalidation
+            body = ("retry: 50\n\n" + frame(1, "tick", "a/1", 1) + frame(2, "tick", "a/2", 2)
+                    + frame(None, "aggregate.invalidated", "aggregates/x", {"aggregate": "x"}))
+        return Response(body, media_type="text/event-stream")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=[Route("/events", events)]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    serving = asyncio.create_task(server.serve())
+    try:
+        await eventually(lambda: server.started, what="the scripted server")
+        client = pgsse.Client(f"http://127.0.0.1:{port}", "a", max_backoff=5)
+        got: list[pgsse.Event] = []
+        await asyncio.wait_for(collect(client, 3, got), 30)
+        await client.aclose()
+    finally:
+        server.should_exit = True
+        await serving
+    assert [(e.id, e.type, e.topic, e.data) for e in got] == [
+        (1, "tick", "a/1", 1), (2, "tick", "a/2", 2),
+        (None, "aggregate.invalidated", "aggregates/x", {"aggregate": "x"})]
+    assert [last for _, last in seen] == [None, "1", "1", "1"]
+    gaps = [b - a for (a, _), (b, _) in zip(seen, seen[1:], strict=False)]
+    assert gaps[0] >= 0.65, f"reconnected {gaps[0]:.2f} s after retry: 700"
+    assert gaps[2] >= 0.35, f"the second failure waited only {gaps[2]:.2f} s (no backoff)"
