@@ -132,7 +132,7 @@ class Client:
                         delay = 0.0 if unauthorized == 1 else None
                     else:
                         unauthorized = 0
-                except (httpx.TransportError, json.JSONDecodeError, ValueError):
+                except (httpx.RequestError, ValueError):  # JSONDecodeError is one
                     delay = None  # refused, reset, timed out, a broken frame: back off
                 if delay is None:
                     failures += 1

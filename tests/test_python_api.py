@@ -338,6 +338,7 @@ async def test_every_endpoint_works_under_the_prefix(host: Any, conn: asyncpg.Co
         assert (await http.get(app.base + "/")).json() == {"app": "host"}  # the host's own
         for path in ("/healthz", "/readyz", "/stats", "/openapi.json", "/metrics"):
             assert (await http.get(app.url + path)).status_code == 200, path
+        assert (await http.get(app.url + "/openapi.json")).json()["servers"] == [{"url": "/realtime"}]
         listed = (await http.get(app.url + "/aggregates")).json()["aggregates"]
         assert "event_types" in {a["name"] for a in listed}
         first = await http.get(app.url + "/aggregates/event_types")
