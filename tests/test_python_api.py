@@ -188,6 +188,18 @@ def test_import_pgsse_loads_no_driver_and_no_framework() -> None:
     assert out.strip() == "[]"
 
 
+def test_publishing_with_psycopg_loads_no_other_driver(database: str) -> None:
+    code = ("import sys, psycopg, pgsse\n"
+            f"with psycopg.connect({database!r}) as conn:\n"
+            "    pgsse.publish(conn, 'only', 'psycopg', {})\n"
+            "    conn.rollback()\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'asyncpg', 'sqlalchemy', 'starlette', 'httpx', 'uvicorn'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+
+
 async def test_worker_function_publishes_in_its_transaction(database: str,
                                                             conn: asyncpg.Connection) -> None:
     """The README's Celery/RQ-style recipe: a task opens a connection, writes and publishes
