@@ -599,3 +599,47 @@ async def test_client_honours_retry_backs_off_and_never_yields_an_id_twice() -> 
     gaps = [b - a for (a, _), (b, _) in zip(seen, seen[1:], strict=False)]
     assert gaps[0] >= 0.65, f"reconnected {gaps[0]:.2f} s after retry: 700"
     assert gaps[2] >= 0.35, f"the second failure waited only {gaps[2]:.2f} s (no backoff)"
+
+
+async def test_plain_uvicorn_host_drops_a_slow_client_which_then_loses_nothing(
+        host: Any, conn: asyncpg.Connection) -> None:
+    """The bounded-memory guarantee without pgsse's protocol: a mounted stream whose client
+    does not read is dropped after SLOW_CLIENT_SECONDS, and resuming from the last id it
+    read it gets every event after it, once."""
+    from tests.support import metric
+    from tests.test_stream import head, wait_head
+
+    app = await host({"CLIENT_BUFFER_BYTES": "65536", "SLOW_CLIENT_SECONDS": "1"})
+    start = await head(conn)
+    sock = socket.create_connection(("127.0.0.1", app.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(b"GET /realtime/events?topic=flood HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.settimeout(10)
+    received = b""
+    while b"retry: " not in received:
+        chunk = await asyncio.to_thread(sock.recv, 4096)
+        assert chunk, received
+        received += chunk
+    pad = "z" * 4000
+    for i in range(0, 2000, 50):  # ~8 MB, far beyond socket buffers and the 64 kB bound
+        await conn.execute(
+            "SELECT realtime.publish('flood', 'blob', jsonb_build_object('i', g, 'pad', $1::text)) "
+            "FROM generate_series($2::int, $2::int + 49) g", pad, i)
+    await wait_head(conn, start + 2000, timeout=30)
+    await eventually(lambda: metric(app, "pgsse_slow_clients_dropped_total") >= 1, timeout=30,
+                     what="a slow client dropped")
+    # Not drained: uvicorn closes a dropped stream gracefully, so the kernel's send queue
+    # (megabytes) still trickles to a reader with a 4 kB window for about 100 s (measured).
+    # A client resumes from the last event it read.
+    sock.close()
+    frames = received.split(b"\n\n")[:-1]  # complete frames only
+    ids = [int(line[4:]) for frame in frames for line in frame.split(b"\n") if line.startswith(b"id: ")]
+    last = ids[-1] if ids else start
+    assert ids == list(range(start + 1, last + 1))
+    client = pgsse.Client(app.url, "flood", last_event_id=last)
+    rest: list[pgsse.Event] = []
+    await asyncio.wait_for(collect(client, start + 2000 - last, rest), 30)
+    await client.aclose()
+    assert [e.id for e in rest] == list(range(last + 1, start + 2001))
+    await eventually(lambda: httpx.get(app.url + "/stats").json()["clients"] == 0,
+                     what="no stream left")
