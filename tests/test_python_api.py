@@ -643,3 +643,17 @@ async def test_plain_uvicorn_host_drops_a_slow_client_which_then_loses_nothing(
     assert [e.id for e in rest] == list(range(last + 1, start + 2001))
     await eventually(lambda: httpx.get(app.url + "/stats").json()["clients"] == 0,
                      what="no stream left")
+
+
+@pytest.mark.parametrize(("path", "root", "expected"), [
+    ("/events", "", "/events"),
+    ("/realtime/events", "/realtime", "/events"),
+    ("/realtime/aggregates/x", "/realtime", "/aggregates/x"),
+    ("/realtimes/events", "/realtime", "/realtimes/events"),  # not below the prefix
+    ("/events", "/realtime", "/events"),  # a proxy that strips the prefix itself
+    ("/realtime", "/realtime", ""),
+])
+def test_route_path_is_the_path_below_the_mount(path: str, root: str, expected: str) -> None:
+    from pgsse.middleware import route_path
+
+    assert route_path({"path": path, "root_path": root}) == expected
