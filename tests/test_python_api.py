@@ -657,3 +657,37 @@ def test_route_path_is_the_path_below_the_mount(path: str, root: str, expected: 
     from pgsse.middleware import route_path
 
     assert route_path({"path": path, "root_path": root}) == expected
+
+
+async def test_dashboard_in_chromium_under_the_prefix(host: Any, conn: asyncpg.Connection) -> None:
+    """The demo dashboard served by a mounted pgsse.App, in a real browser: every request it
+    makes stays under /realtime, its stream opens, a new order appears live."""
+    from tests.test_dashboard import Browser, launch, stream_count, wait_until
+    from tests.tools import require_tool
+
+    require_tool("chromium")
+    playwright_api = pytest.importorskip("playwright.async_api")
+    app = await host({"DEMO": "1", "DEMO_RATE": "0.0001"})
+    async with playwright_api.async_playwright() as p:
+        browser = await launch(playwright_api, p)
+        try:
+            page = await browser.new_page(viewport={"width": 1280, "height": 800})
+            b = Browser(page)
+            await page.goto(app.url + "/", timeout=15000)
+            await page.wait_for_selector("#status[data-state=open]", timeout=15000)
+            await page.wait_for_selector("#orders tbody tr", timeout=10000)
+            row = await conn.fetchrow("INSERT INTO demo.orders (store_id, product_id, quantity, total) "
+                                      "SELECT store_id, id, 3, 30 FROM demo.products "
+                                      "WHERE store_id = (SELECT store_id FROM demo.products ORDER BY id "
+                                      "LIMIT 1) ORDER BY id LIMIT 1 RETURNING id, store_id")
+            await page.select_option("#store", str(row["store_id"]))
+            await page.wait_for_selector(f"#orders tbody tr[data-id='{row['id']}']", timeout=15000)
+            href = await page.eval_on_selector("#export-csv", "a => a.href")
+            assert href.startswith(app.url + "/aggregates/recent_orders?"), href
+            await wait_until(lambda: stream_count(app) == 1, page, 10, "one stream")
+            outside = [path for path in b.requests if not path.startswith("/realtime/")]
+            assert outside == [], outside
+            assert b.requests["/realtime/client/index.js"] == 1
+            assert b.errors == []
+        finally:
+            await browser.close()
