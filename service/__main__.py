@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
 
     advise_cli.add_arguments(p)
     p.set_defaults(func=advise)
+    # issue 23: pgsse tail, a Python subscriber on the command line
+    from . import tail
+
+    p = sub.add_parser("tail", help="print the events of topics as JSON lines, resuming across reconnects")
+    tail.add_arguments(p)
+    p.set_defaults(func=tail.run)
     p = sub.add_parser("db", help="print the database URL (starting the embedded PostgreSQL if DATABASE_URL is unset)")
     p.add_argument("--stop", action="store_true", help="stop the embedded PostgreSQL instead")
     p.set_defaults(func=database)

@@ -32,7 +32,7 @@ from .health import Health
 from .hub import Hub
 from .lifecycle import Lifecycle
 from .limits import Limits
-from .middleware import RequestContext
+from .middleware import RequestContext, route_path
 from .replica import StandbyReader
 from .settings import Settings
 from .stream import EventLookup, EventStream
@@ -181,7 +181,7 @@ class AggregateEndpoint:
         self.aggregates = aggregates
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope["path_params"] = {"name": scope["path"][len("/aggregates/"):]}
+        scope["path_params"] = {"name": route_path(scope)[len("/aggregates/"):]}
         request = Request(scope, receive)
         try:
             response = await self.aggregates.endpoint(request)
@@ -199,7 +199,7 @@ class PgsseApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            path: str = scope["path"]
+            path = route_path(scope)  # mounted under a prefix too (pgsse.App)
             if path == "/events" and self.stream_stack is not None:
                 scope["app"] = self
                 await self.stream_stack(scope, receive, send)

@@ -55,8 +55,18 @@ def loggable_query(query: str) -> str:
     return "&".join(pairs)
 
 
-def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
+    """The path below the app's mount point: ``scope["path"]`` keeps the whole path and
+    ``root_path`` names the prefix (a Starlette ``Mount``, uvicorn's ``--root-path``)."""
     path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
+
+
+def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
+    path = route_path(scope)
     if path == "/events":
         return path  # the hot paths, without matching every route
     if path.startswith("/aggregates/") and "/" not in path[12:]:

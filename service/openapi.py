@@ -72,4 +72,8 @@ class OpenApi:
 
     async def endpoint(self, request: Request) -> Response:
         principal = await self.auth.identify(request)
-        return JSONResponse(spec(self.aggregates, principal.allows))
+        document = spec(self.aggregates, principal.allows)
+        root = request.scope.get("root_path", "")
+        if root:  # mounted under a prefix (pgsse.App): the paths are relative to it
+            document["servers"] = [{"url": root}]
+        return JSONResponse(document)

@@ -73,3 +73,16 @@ def protocol_class(header_timeout: float) -> type[HttpToolsProtocol]:
 
 def uvicorn_kwargs(header_timeout: float) -> dict[str, Any]:
     return {"http": protocol_class(header_timeout)}
+
+
+def __getattr__(name: str) -> Any:
+    """``HttpProtocol``: the class for a host's own uvicorn (``uvicorn main:app --http
+    pgsse.protocol:HttpProtocol``), so a mounted ``pgsse.App`` keeps the header timeout,
+    the socket abort and the direct writes. ``HEADER_TIMEOUT`` is read when uvicorn loads it."""
+    if name != "HttpProtocol":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .settings import Settings
+
+    cls = protocol_class(Settings.from_env().header_timeout_seconds)
+    globals()[name] = cls
+    return cls

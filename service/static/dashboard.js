@@ -2,8 +2,9 @@
 // One stream for the page; aggregates fetched with ETags (a refetch is a 304) and refreshed
 // by `aggregate.invalidated`; named events drive an invalidation map, as a TanStack Query
 // app would (the tiny query cache below has TanStack's invalidateQueries-by-prefix shape).
-import { createClient } from "/client/index.js";
-import { aggregateKey, aggregateQuery, aggregateStats, connectQueryClient, hashKey } from "/client/tanstack-query.js";
+// Relative to this file, so the dashboard also works where pgsse is mounted under a prefix.
+import { createClient } from "../client/index.js";
+import { aggregateKey, aggregateQuery, aggregateStats, connectQueryClient, hashKey } from "../client/tanstack-query.js";
 
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
@@ -13,7 +14,9 @@ const money = new Intl.NumberFormat(undefined, { style: "currency", currency: "U
 const number = new Intl.NumberFormat();
 const startedAt = Date.now();
 
-const rt = createClient({ url: "", pauseWhenHiddenAfterMs: pauseMs });
+// The service's base path: "" at the root, "/realtime" when mounted there.
+const BASE = new URL(".", location.href).pathname.replace(/\/$/, "");
+const rt = createClient({ url: BASE, pauseWhenHiddenAfterMs: pauseMs });
 window.pgsse = rt; // for the console (and the browser tests)
 
 // --- a minimal query cache: key → {options, render}; invalidateQueries by key prefix -----
@@ -200,7 +203,7 @@ function loadOrders() {
   use("recent_orders", args, renderers.recent_orders);
   const csv = new URLSearchParams({ format: "csv", store_id: String(store) });
   if (status) csv.set("status", status);
-  $("export-csv").href = "/aggregates/recent_orders?" + csv;
+  $("export-csv").href = BASE + "/aggregates/recent_orders?" + csv;
   $("export-csv").setAttribute("download", `orders-store-${store}${status ? "-" + status : ""}.csv`);
 }
 
@@ -221,7 +224,7 @@ setInterval(() => {
 
 $("store").addEventListener("change", (e) => selectStore(Number(e.target.value)));
 $("order-status").addEventListener("change", loadOrders);
-fetch("/readyz").then((r) => r.json()).then((body) => {
+fetch(BASE + "/readyz").then((r) => r.json()).then((body) => {
   if ((body.warnings || []).includes("auth_disabled")) $("auth-banner").hidden = false;
 }).catch(() => {});
 selectStore(Number($("store").value));
