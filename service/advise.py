@@ -275,25 +275,29 @@ def conjuncts(expression: str) -> list[str]:
     """Split ``((a = 1) AND (b > 2))`` into its top-level AND terms (none for an OR)."""
     text = _unwrap(expression.strip())
     parts: list[str] = []
-    depth, start, i, quoted = 0, 0, 0, False
-    while i < len(text):
-        ch = text[i]
-        if ch == "'":
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-        elif not quoted and depth == 0 and text.startswith(" AND ", i):
+    start = 0
+    for i, depth, quoted in _scan(text):
+        if depth or quoted or i < start:
+            continue
+        if text.startswith(" AND ", i):
             parts.append(text[start:i])
             start = i + 5
-            i += 5
-            continue
-        elif not quoted and depth == 0 and text.startswith(" OR ", i):
+        elif text.startswith(" OR ", i):
             return []
-        i += 1
     parts.append(text[start:])
     return [_unwrap(p.strip()) for p in parts if p.strip()]
+
+
+def _scan(text: str) -> Iterator[tuple[int, int, bool]]:
+    """Each character's index, the parenthesis depth after it, and whether it is inside a
+    quoted literal (EXPLAIN prints literals as '…'::type)."""
+    depth, quoted = 0, False
+    for i, ch in enumerate(text):
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch in "()":
+            depth += 1 if ch == "(" else -1
+        yield i, depth, quoted
 
 
 def _unwrap(text: str) -> str:
@@ -303,16 +307,10 @@ def _unwrap(text: str) -> str:
 
 
 def _balanced(text: str) -> bool:
-    depth, quoted = 0, False
-    for ch in text:
-        if ch == "'":
-            quoted = not quoted
-        elif not quoted and ch == "(":
-            depth += 1
-        elif not quoted and ch == ")":
-            depth -= 1
-            if depth < 0:
-                return False
+    depth = 0
+    for _, depth, _quoted in _scan(text):
+        if depth < 0:
+            return False
     return depth == 0
 
 

@@ -43,13 +43,21 @@ class Principal:
 ANONYMOUS = Principal(grants=("*",))
 
 
-def token_from(conn: HTTPConnection) -> str | None:
+def bearer(conn: HTTPConnection) -> str | None:
+    """The ``Authorization: Bearer`` token; None without the header, 401 for another scheme."""
     header = conn.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    raise Unauthorized("Authorization header must be 'Bearer <token>'")
+
+
+def token_from(conn: HTTPConnection) -> str | None:
+    header = bearer(conn)
     if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        raise Unauthorized("Authorization header must be 'Bearer <token>'")
+        return header
     cookie = conn.cookies.get("access_token")
     if cookie:
         return cookie

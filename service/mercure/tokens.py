@@ -20,6 +20,7 @@ import jwt
 from starlette.requests import HTTPConnection
 
 from ..auth.keys import ASYMMETRIC_ALGORITHMS, Jwks
+from ..auth.tokens import bearer
 from ..errors import Unauthorized
 from . import selectors as sel
 
@@ -36,13 +37,8 @@ class Grant:
 
 
 def token_from(conn: HTTPConnection) -> str | None:
-    header = conn.headers.get("authorization")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-        raise Unauthorized("Authorization header must be 'Bearer <token>'")
-    return conn.cookies.get("mercureAuthorization") or conn.query_params.get("authorization")
+    return (bearer(conn) or conn.cookies.get("mercureAuthorization")
+            or conn.query_params.get("authorization"))
 
 
 class MercureTokens:
