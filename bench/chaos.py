@@ -6,7 +6,8 @@ on a fresh database) and a real PostgreSQL (embedded under .data/chaos, or
 ``CHAOS_DATABASE_URL`` / ``DATABASE_URL``, which must be a superuser), everything on
 127.0.0.1, and prints one table: scenario, load, lost, duplicated, reordered, resets,
 dropped clients, RSS and fd delta, pass/fail. Writes bench/results/chaos/chaos.json and
-chaos.png; exits non-zero when any scenario fails.
+chaos.png (per scenario: delivery and lag over time, the fault marked) and
+chaos_table.png; exits non-zero when any scenario fails.
 
 ``--ref REV`` runs the service exported from a git revision (under .data/chaos/src)
 instead of the work tree, so a run measures committed code while others edit.
@@ -106,7 +107,8 @@ def table(results: list[Result], load_width: int = 60) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[Result], path: Any, title: str) -> None:
+def plot_table(results: list[Result], path: Any, title: str) -> None:
+    """The summary table as an image (chaos_table.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,6 +138,61 @@ def plot(results: list[Result], path: Any, title: str) -> None:
         fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom", family="monospace")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(results: list[Result], path: Any, title: str) -> None:
+    """One panel per scenario, over the scenario's own seconds: events delivered per second
+    to all its clients (bars) and their lag, write → arrival, p50 and max (lines, log scale);
+    the fault's marks as red lines, drops (a stream closed by the server) and resets as ticks.
+    A scenario without an event stream shows its marks and figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = max(1, -(-len(results) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.1 * rows), squeeze=False)
+    for ax, result in zip(axes.flat, results, strict=False):
+        line = result.timeline or {}
+        colour = "#2e7d32" if result.passed else "#c62828"
+        ax.set_title(f"{result.scenario} — {'PASS' if result.passed else 'FAIL'}", fontsize=9,
+                     color=colour)
+        if line.get("t"):
+            step = line["step_s"]
+            ax.bar(line["t"], line["events_per_s"], width=step, align="edge", color="#90caf9",
+                   label="events/s delivered")
+            ax.set_ylabel("events/s", fontsize=7)
+            lag = ax.twinx()
+            for key, style, label in (("lag_p50_ms", "-", "lag p50"), ("lag_max_ms", ":", "lag max")):
+                points = [(t + step / 2, v) for t, v in zip(line["t"], line[key], strict=True)
+                          if v is not None]
+                if points:
+                    lag.plot(*zip(*points, strict=True), style, color="#ef6c00", lw=1, label=label)
+            lag.set_yscale("symlog", linthresh=10)
+            lag.set_ylabel("lag ms", fontsize=7)
+            lag.tick_params(labelsize=6)
+            for t in line.get("drops", []):
+                ax.axvline(t, ymax=0.08, color="#6a1b9a", lw=0.8)
+            for t in line.get("resets", []):
+                ax.axvline(t, ymin=0.92, color="#00838f", lw=0.8)
+        else:
+            text = "\n".join(f"{k}: {v}"[:60] for k, v in list(result.figures.items())[:8])
+            ax.text(0.02, 0.95, text or "(no event stream)", transform=ax.transAxes, va="top",
+                    fontsize=6, family="monospace")
+        for at, label in result.marks:
+            ax.axvline(at, color="#c62828", ls="--", lw=1)
+            ax.text(at, 1.0, f" {label}", transform=ax.get_xaxis_transform(), fontsize=6,
+                    color="#c62828", va="top", rotation=90)
+        ax.set_xlabel("s since the scenario began", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(results):]:
+        ax.axis("off")
+    fig.suptitle(title + " — bars: events/s; orange: lag p50 (—) and max (··); red: fault; "
+                 "purple ticks: drops; teal ticks: resets", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -170,6 +227,7 @@ async def run(args: argparse.Namespace) -> int:
         for name in names:
             log(f"{name} …")
             t0 = time.monotonic()
+            chaos_infra.WRITTEN_AT.clear()
             try:
                 async with asyncio.timeout(args.scenario_timeout):
                     result = await SCENARIOS[name](Run(pg, args.quick))
@@ -200,6 +258,7 @@ async def run(args: argparse.Namespace) -> int:
     title = (f"pgsse chaos suite{' (--quick)' if args.quick else ''} — {head[:60]} — "
              f"{os.cpu_count()} cores, {elapsed:.0f} s")
     plot(results, RESULTS / "chaos.png", title)
+    plot_table(results, RESULTS / "chaos_table.png", title)
     print(table(results))
     print(f"\n{sum(r.passed for r in results)}/{len(results)} passed in {elapsed:.0f} s; "
           f"{RESULTS / 'chaos.json'}, {RESULTS / 'chaos.png'}")

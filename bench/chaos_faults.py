@@ -179,12 +179,14 @@ async def readiness(run: Run) -> Result:
         await conn.close()
         # The outage, then the recovery, each timed from the moment it is in place.
         t0 = time.monotonic()
+        result.mark("database down")
         if run.pg.embedded:
             await run.pg.stop_server()
         else:
             await run.pg.refuse_logins(True)
         outage_at = time.monotonic()
         to_503 = await _until_status(service, 503, 15)
+        result.mark("database back")
         if run.pg.embedded:
             await run.pg.start_server()
         else:

@@ -105,7 +105,9 @@ async def _guard(run: Run, name: str, load: str, fault: object, n_clients: int =
         writers = Writers(run.pg, database, topic).start()
         reconnects0 = await service.metric("pgsse_feed_reconnects_total")
         try:
+            result.mark("fault")
             await fault(service, conn, result)  # type: ignore[operator]
+            result.mark("fault over")
             committed_at_fault = writers.committed
             # Writes go on after the fault (bounded): what was written meanwhile must arrive.
             await wait_until(lambda: writers.committed >= committed_at_fault + 100, 15, 0.1)

@@ -424,6 +424,8 @@ class SseClient:
     start_id: str | None = None
     end_position: int | None = None
     max_reset: int = -1
+    arrivals: list[float] = field(default_factory=list)  # wall time of each item, aligned
+    drop_times: list[float] = field(default_factory=list)
     _transport: asyncio.WriteTransport | None = None
 
     def __post_init__(self) -> None:
@@ -452,6 +454,7 @@ class SseClient:
                         break
                     if closed_by_server:
                         self.drops += 1
+                        self.drop_times.append(time.time())
                     if time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.1)
@@ -533,6 +536,7 @@ class SseClient:
         if ident is not None:
             self.last_id = ident.decode(errors="replace")
         position = int(ident) if ident is not None and ident.isdigit() else None
+        self.arrivals.append(time.time())
         if kind == b"reset":
             self.items.append(("r", position))
             if position is not None:
@@ -540,6 +544,7 @@ class SseClient:
                 if self.end_position is not None and position >= self.end_position:
                     self.done = True
         elif kind == END_TYPE:
+            self.arrivals.pop()  # not an item
             self.done = True
         else:
             payload = b"\n".join(data)
@@ -630,11 +635,18 @@ EVENTS_ON_TOPIC = ("realtime.events e JOIN realtime.changes c ON c.xid = e.xid A
                    "WHERE c.topic = $1 AND c.old_topic IS NULL")
 
 
+# When each event of the last ``truth_of`` was written (its change's time, epoch seconds):
+# the lag the timeline plots is a client's arrival time minus this.
+WRITTEN_AT: dict[int, float] = {}
+
+
 async def truth_of(conn: asyncpg.Connection, topic: str) -> list[tuple[int, tuple[int, int]]]:
     """What was committed on ``topic`` (still retained), in position order."""
     rows = await conn.fetch(
-        "SELECT e.position, coalesce((c.data->>'w')::int, 0) AS w, (c.data->>'n')::int AS n "
+        "SELECT e.position, coalesce((c.data->>'w')::int, 0) AS w, (c.data->>'n')::int AS n, "
+        "extract(epoch FROM c.created_at)::float8 AS t "
         f"FROM {EVENTS_ON_TOPIC} AND e.type <> 'chaos.end' ORDER BY e.position", topic)
+    WRITTEN_AT.update((r["position"], r["t"]) for r in rows)
     return [(r["position"], (r["w"], r["n"])) for r in rows]
 
 

@@ -132,6 +132,7 @@ async def prune_role_timeout(run: Run) -> Result:
                 value = await conn.fetchval("SELECT min(position) FROM realtime.readers")
                 return value is not None and value >= head
             await wait_until(registered, 20, 0.1)
+            result.mark("role timeout 100 ms")
             await conn.execute(f"ALTER ROLE {SERVICE_ROLE} SET statement_timeout = '100ms'")
             ended = sequencer_losses(service)
             await terminate_backends(conn)

@@ -24,6 +24,7 @@ import asyncpg
 
 from .chaos_infra import (
     DATA,
+    WRITTEN_AT,
     Postgres,
     Service,
     SseClient,
@@ -62,6 +63,13 @@ class Result:
     verdict: str = ""
     seconds: float = 0.0
     figures: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    # (seconds since ``started``, label): when the fault began, ended, … (the plot marks them)
+    marks: list[tuple[float, str]] = field(default_factory=list)
+    timeline: dict[str, Any] = field(default_factory=dict)
+
+    def mark(self, label: str) -> None:
+        self.marks.append((round(time.time() - self.started, 2), label))
 
     def no_stream(self) -> Result:
         """For scenarios without an event stream to judge: those columns print ``-``."""
@@ -106,6 +114,39 @@ class Baseline:
         result.fd_delta = service.fds() - self.fds
 
 
+def timeline(started: float, clients: list[SseClient], step: float = 0.25) -> dict[str, Any]:
+    """Per ``step`` seconds since ``started``: events delivered (all clients) and their lag
+    (arrival − the change's write time) at p50 and max; drops and resets as times."""
+    delivered: dict[int, int] = {}
+    lags: dict[int, list[float]] = {}
+    resets: list[float] = []
+    for client in clients:
+        for item, at in zip(client.items, client.arrivals, strict=False):
+            slot = int((at - started) / step)
+            if item[0] == "r":
+                resets.append(round(at - started, 2))
+                continue
+            delivered[slot] = delivered.get(slot, 0) + 1
+            written = WRITTEN_AT.get(item[1]) if item[1] is not None else None
+            if written is not None:
+                lags.setdefault(slot, []).append(at - written)
+    slots = sorted(set(delivered) | set(lags))
+
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return round(1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+    return {
+        "step_s": step,
+        "t": [round(slot * step, 2) for slot in slots],
+        "events_per_s": [round(delivered.get(slot, 0) / step) for slot in slots],
+        "lag_p50_ms": [pct(lags[slot], 0.5) if slot in lags else None for slot in slots],
+        "lag_max_ms": [pct(lags[slot], 1.0) if slot in lags else None for slot in slots],
+        "drops": sorted(round(t - started, 2) for c in clients for t in c.drop_times),
+        "resets": sorted(resets),
+    }
+
+
 def tally_clients(result: Result, clients: list[SseClient],
                   truth: list[tuple[int, tuple[int, int]]]) -> Tally:
     total = Tally()
@@ -113,6 +154,7 @@ def tally_clients(result: Result, clients: list[SseClient],
         after = int(client.start_id) if client.start_id else 0
         total.add(check(client.items, truth, after))
     result.take(total)
+    result.timeline = timeline(result.started, clients)
     result.dropped = sum(1 for c in clients if c.drops)
     result.figures["drops_total"] = sum(c.drops for c in clients)
     result.figures["clients_finished"] = sum(1 for c in clients if c.done)
@@ -187,14 +229,17 @@ async def prune_listener_away(run: Run) -> Result:
         clients = await live_clients(service, conn, topic, n_clients)
         tasks = await run_clients(clients, 90)
         await wait_clients(service, n_clients)
+        result.mark("listener refused")
         killed = await run.pg.refuse_logins(True, terminate="pgsse-listener")
         result.figures["listener_backends_terminated"] = killed
         head = await last_position(conn)
         await publish_series(conn, topic, n_events)
         sequenced = await wait_sequenced(conn, head + n_events, 20)
         truth = await truth_of(conn, topic)
+        result.mark("prune('0')")
         pruned = await conn.fetchval("SELECT realtime.prune('0')")
         result.figures.update(sequenced=sequenced, pruned=pruned)
+        result.mark("logins back")
         await run.pg.refuse_logins(False, terminate=None)
         ready = await wait_until(lambda: _ready(service), 30, 0.1)
         result.figures["ready_after_restore"] = bool(ready)
@@ -236,6 +281,7 @@ async def prune_mid_replay(run: Run) -> Result:
         # window, so replay reads PostgreSQL in batches).
         await wait_until(lambda: any(len(c.items) >= 1000 for c in clients), 20, 0.005)
         received_at_prune = sum(len(c.items) for c in clients)
+        result.mark("prune('0')")
         pruned = await conn.fetchval("SELECT realtime.prune('0')")
         result.figures.update(pruned=pruned, received_when_pruned=received_at_prune)
         await publish_end(conn, topic, clients)
@@ -259,7 +305,9 @@ async def bulk(run: Run) -> Result:
         clients = await live_clients(service, conn, topic, n_clients)
         tasks = await run_clients(clients, 90)
         await wait_clients(service, n_clients)
+        result.mark("10,000-event tx")
         await publish_series(conn, topic, 10_000, pad=1000)
+        result.mark("5 x 250 KB tx")
         await publish_series(conn, topic, 5, start=10_001, pad=250_000, w=1)
         await publish_end(conn, topic, clients)
         await finish(tasks, 45)
@@ -615,6 +663,7 @@ async def slow_aggregate_storm(run: Run) -> Result:
             statuses[key] = statuses.get(key, 0) + 1
 
         started = time.monotonic()
+        result.mark("storm")
         tasks = [asyncio.create_task(one(i)) for i in range(storm)]
         in_flight = await wait_until(
             lambda: _stats_in_flight(service, storm // 5), 20, 0.05)

@@ -96,6 +96,7 @@ async def schema_changes(run: Run) -> Result:
                 deadline = time.monotonic() + 30
                 while len(committed) < floor and time.monotonic() < deadline:
                     await asyncio.sleep(0.01)
+                result.mark(step.split("{t} ", 1)[-1][:24])
                 await conn.execute(step.format(t=table["name"]))
                 if "RENAME TO" in step:
                     table["name"] = "chaos_sc2"
@@ -211,6 +212,7 @@ async def unwatch_cached_aggregate(run: Run) -> Result:
         first = await service.get(path)
         etag = first.headers.get("etag", "")
         free_before = [(await service.get(path, {"If-None-Match": etag})).status for _ in range(20)]
+        result.mark("unwatch")
         await conn.execute("SELECT realtime.unwatch('public.chaos_agg')")
         stale_304 = stale_200 = checked = 0
         for i in range(n_rounds):
