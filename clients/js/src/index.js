@@ -53,6 +53,9 @@ export class PgsseClient {
     // Where the next connection resumes: the last id read from the stream, or further back when
     // another tab must catch up (this tab still delivers each id once, by lastEventId).
     this._cursor = this.lastEventId;
+    // The earliest position a tab that is behind asked for (see _rewind): the next connection
+    // resumes from it even if this connection's cursor moved on meanwhile.
+    this._floor = null;
     this.status = "idle";
     /** True after `degradeAfter` failed connections in a row: aggregate queries poll. */
     this.degraded = false;
@@ -224,7 +227,10 @@ export class PgsseClient {
       return;
     }
     if (this._paused || this._offline || this._timer !== null) return;
-    if (this._conn && this._conn.key === topics.join("\n")) return;
+    if (this._conn && this._conn.key === topics.join("\n")) {
+      this._floor = null; // the stream already carries every tab's topics: nothing to replay
+      return;
+    }
     this._abort();
     this._connect();
   }
@@ -265,6 +271,11 @@ export class PgsseClient {
     conn.topics = topics;
     const query = topics.map((t) => "topic=" + encodeURIComponent(t));
     query.push("envelope=1");
+    if (this._floor !== null && (this._cursor === null || !isPosition(this._cursor)
+        || BigInt(this._floor) < BigInt(this._cursor))) {
+      this._cursor = this._floor;
+    }
+    this._floor = null;
     if (this._cursor !== null) query.push("last_event_id=" + encodeURIComponent(this._cursor));
     const headers = { Accept: "text/event-stream" };
     if (token) headers.Authorization = "Bearer " + token;
@@ -384,7 +395,9 @@ export class PgsseClient {
       return;
     }
     // The holding tab passes every event on (the other tabs drop what they already have).
-    this._share?.relay("event", { event });
+    // With the connection's topics: a tab whose topics it does not all cover must not move
+    // its position on it (the events of its other topics were not in this stream).
+    this._share?.relay("event", { event, topics: conn.topics });
     this._deliver(event);
   }
 
@@ -497,6 +510,9 @@ export class PgsseClient {
   /** A tab is behind `position`: reconnect from there if the stream is further on. */
   _rewind(position) {
     if (!isPosition(position)) return;
+    // Kept until the next connection: this one (without the tab's topics) may still read
+    // events and move the cursor past `position` before the union reconnects.
+    if (this._floor === null || BigInt(position) < BigInt(this._floor)) this._floor = position;
     if (this._cursor !== null && isPosition(this._cursor) && BigInt(position) >= BigInt(this._cursor)) return;
     this._cursor = position;
     if (this._conn || this.status === "open") {

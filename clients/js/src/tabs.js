@@ -17,6 +17,14 @@
 // The client (index.js) keeps subscriptions, dispatch and the connection; this module only
 // decides whether this tab holds the connection and moves messages between tabs.
 
+import { topicCovers } from "./match.js";
+
+/** Whether the stream's `streamTopics` cover every one of `topics` (unknown: assume so). */
+function coversAll(streamTopics, topics) {
+  if (!Array.isArray(streamTopics)) return true;
+  return topics.every((topic) => streamTopics.some((t) => topicCovers(t, topic)));
+}
+
 /** Whether this host has what sharing needs: Web Locks, BroadcastChannel and a page. */
 export function canShareTabs(env = {}) {
   const nav = env.navigator ?? globalThis.navigator;
@@ -144,7 +152,11 @@ export class TabGroup {
         if (this.holding) client.reconnect();
         return;
       case "event":
-        if (!this.holding) client._deliver(message.event);
+        // Only from a stream that carries every topic of this tab: a narrower one (the holder
+        // before it reconnects with this tab's topics) would move this tab's last id past
+        // events it never saw; the holder's reconnect replays them from this tab's `since`.
+        // (`client.topics` of a follower: its own, less the ones refused to it.)
+        if (!this.holding && coversAll(message.topics, client.topics)) client._deliver(message.event);
         return;
       case "status":
         if (!this.holding) client._mirrorStatus(message.status, message.info || {});

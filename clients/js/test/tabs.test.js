@@ -210,3 +210,19 @@ test("getToken runs in the holding tab only; the stream carries the holder's tok
   assert.ok(calls[h] >= 1);
   assert.equal(server.requests.at(-1).headers.authorization, `Bearer token-${h}`);
 });
+
+test("a follower takes relayed events only from a stream that carries all its topics", async () => {
+  const { TabGroup } = await import("../src/tabs.js");
+  const delivered = [];
+  const client = { topics: ["tabs/0"], ownTopics: () => ["tabs/0"], _deliver: (e) => delivered.push(e.id) };
+  const group = new TabGroup(client, { name: "x", locks: lockManager(), BroadcastChannel: class {} });
+  group.channel = { postMessage() {}, close() {} }; // joined, without a real channel
+  // The holder's stream before it reconnects with this tab's topic: its events would move this
+  // tab's last id past tabs/0 events that stream never carried (the returning-tab race).
+  group._receive({ kind: "event", event: { id: "30", type: "tick", topic: "tabs/1", data: {} }, topics: ["tabs/1"] });
+  assert.deepEqual(delivered, []);
+  group._receive({ kind: "event", event: { id: "31", type: "tick", topic: "tabs/0", data: {} }, topics: ["tabs/0", "tabs/1"] });
+  group._receive({ kind: "event", event: { id: "32", type: "tick", topic: "tabs/1", data: {} }, topics: ["tabs"] });
+  group._receive({ kind: "event", event: { id: "33", type: "tick", topic: "tabs/1", data: {} } }); // an older holder
+  assert.deepEqual(delivered, ["31", "32", "33"]);
+});
