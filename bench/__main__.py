@@ -30,6 +30,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import dashboards, infra, mercure, replicas, report, scenarios
@@ -130,46 +131,20 @@ async def run(args: argparse.Namespace) -> int:
                 await asyncio.sleep(1.0)
             out["scenarios"]["streams"] = streams
             out["ratios"] = {"streams": scenarios.stream_ratios(streams)}
-        if "aggregates" in only:
-            log("aggregates")
-            try:
-                out["scenarios"]["aggregates"] = await scenarios.aggregates_suite(url, plan, log)
-            except Exception as exc:
-                out["scenarios"]["aggregates"] = {"error": repr(exc),
-                                                  "trace": traceback.format_exc()[-2000:]}
-                log(f"  aggregates failed: {exc!r}")
-        if "writer" in only:
-            log("writer cost (pgbench)")
-            try:
-                out["scenarios"]["writer"] = await scenarios.writer_suite(pg, url, plan, log)
-            except Exception as exc:
-                out["scenarios"]["writer"] = {"error": repr(exc),
-                                              "trace": traceback.format_exc()[-2000:]}
-                log(f"  writer failed: {exc!r}")
-        if "replicas" in only:  # issue 22: its own primary + standby pair (bench/replicas.py)
-            log("read replicas")
-            try:
-                out["scenarios"]["replicas"] = await replicas.run()
-            except Exception as exc:
-                out["scenarios"]["replicas"] = {"error": repr(exc),
-                                                "trace": traceback.format_exc()[-2000:]}
-                log(f"  replicas failed: {exc!r}")
-        if "dashboards" in only:
-            log("dashboards: polling every 5 s vs pgsse (database cost and staleness)")
-            try:
-                out["scenarios"]["dashboards"] = await dashboards.suite(pg, url, plan.quick, log)
-            except Exception as exc:
-                out["scenarios"]["dashboards"] = {"error": repr(exc),
-                                                  "trace": traceback.format_exc()[-2000:]}
-                log(f"  dashboards failed: {exc!r}")
-        if "mercure" in only:
-            log("mercure: Mercure subscribers vs /events streams, POST vs SQL publish")
-            try:
-                out["scenarios"]["mercure"] = await mercure.suite(url, plan.quick, log)
-            except Exception as exc:
-                out["scenarios"]["mercure"] = {"error": repr(exc),
-                                               "trace": traceback.format_exc()[-2000:]}
-                log(f"  mercure failed: {exc!r}")
+        suites: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = [
+            ("aggregates", "aggregates", lambda: scenarios.aggregates_suite(url, plan, log)),
+            ("writer", "writer cost (pgbench)", lambda: scenarios.writer_suite(pg, url, plan, log)),
+            # issue 22: its own primary + standby pair (bench/replicas.py)
+            ("replicas", "read replicas", replicas.run),
+            ("dashboards", "dashboards: polling every 5 s vs pgsse (database cost and staleness)",
+             lambda: dashboards.suite(pg, url, plan.quick, log)),
+            ("mercure", "mercure: Mercure subscribers vs /events streams, POST vs SQL publish",
+             lambda: mercure.suite(url, plan.quick, log)),
+        ]
+        for name, title, suite in suites:
+            if name in only:
+                log(title)
+                out["scenarios"][name] = await guarded(name, suite)
     finally:
         meta["runtime_s"] = round(time.monotonic() - started, 1)
         await asyncio.to_thread(pg.stop)
@@ -195,6 +170,15 @@ async def run(args: argparse.Namespace) -> int:
     print(f"\nratios (same run, {os.cpu_count()} cores): {json.dumps(ratios, indent=1)}")
     print(f"\nreport: {path.relative_to(infra.ROOT)}  ({meta['runtime_s']} s)")
     return 0
+
+
+async def guarded(name: str, suite: Callable[[], Awaitable[Any]]) -> Any:
+    """One scenario's figures, or its error: a failed scenario must not lose the others."""
+    try:
+        return await suite()
+    except Exception as exc:
+        log(f"  {name} failed: {exc!r}")
+        return {"error": repr(exc), "trace": traceback.format_exc()[-2000:]}
 
 
 def stream_server(kind: str, url: str, port: int) -> infra.Server:
